@@ -1,0 +1,5 @@
+import sys
+
+from diffpo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""Command line: ``diffpo train | losses | demo | toy ...``.
+
+Each subcommand is a small function; configuration lives in typed dataclasses (``diffpo.config``),
+filled from YAML and ``key.sub=value`` overrides. Errors we can explain (bad config, bad data, a
+model that will not load) print one clear line and exit 2, never a deep stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+from pathlib import Path
+
+from diffpo.config import ConfigError, load_config
+
+
+def _explainable_errors() -> tuple[type[BaseException], ...]:
+    from diffpo.data import DataError
+    from diffpo.models import ModelLoadError
+    from diffpo.train import TrainingError
+
+    return ConfigError, DataError, ModelLoadError, TrainingError, FileNotFoundError
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    """Print the objective registry: hparams with defaults, reference need, description."""
+    from diffpo.losses import LOSSES
+
+    rows = []
+    for spec in LOSSES.values():
+        hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.hparams.items()) or "-"
+        rows.append((spec.name, "yes" if spec.needs_reference else "no", hp, spec.description))
+    header = ("name", "reference", "hparams (defaults)", "description")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune with a preference objective: ``diffpo train --config FILE.yaml [key=value ...]``."""
+    from diffpo.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {result.seconds:.1f}s; weights in {result.final_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffpo", description="Preference fine-tuning for text-to-image diffusion models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("losses", help="list the preference objectives and their hparams")
+    p.set_defaults(func=cmd_losses)
+
+    p = sub.add_parser("train", help="fine-tune a model on preference pairs")
+    p.add_argument("--config", required=False, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dmpo train.max_steps=3")
+    p.set_defaults(func=cmd_train)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules add subcommands here (demo, toy, eval, ...), keeping this file small.
+_EXTRA_COMMANDS: list = []
+
+
+def _load_extra_commands() -> None:
+    import importlib
+
+    for module in ("diffpo.toy.cli", "diffpo.evaluate.cli", "diffpo.cache"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            continue
+        if hasattr(mod, "register_cli") and mod.register_cli not in _EXTRA_COMMANDS:
+            _EXTRA_COMMANDS.append(mod.register_cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_extra_commands()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except _explainable_errors() as err:
+        if args.verbose:
+            raise
+        print(f"diffpo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

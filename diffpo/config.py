@@ -1,0 +1,296 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides, validated up front.
+
+Every field documents itself; cross-field checks live in ``__post_init__`` (TRL style). An
+unknown key or a bad value raises ``ConfigError`` naming the key before any model is loaded.
+
+    cfg = load_config("configs/tiny.yaml", ["loss.name=dmpo", "train.max_steps=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from diffpo.losses import get_loss
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key it concerns."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """Train LoRA adapters (peft) instead of the full network. The reference model is then the
+    same network with adapters disabled, so no second copy is held in memory."""
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def __post_init__(self):
+        _check(self.rank > 0, "model.lora.rank", f"must be positive, got {self.rank}")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "tiny:sd"
+    """A hub id, a local diffusers folder, or ``tiny:<family>`` for a tiny random model built
+    in-process (saved to a local folder and then loaded through the same path as a real id)."""
+    family: str = "auto"
+    """Model family adapter: auto (read model_index.json), sd, sdxl, sd3, flux, or toy."""
+    revision: str | None = None
+    variant: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+    latent_sampling: Literal["sample", "mode"] = "sample"
+    """How VAE latents are taken: a sample of the posterior (what the papers' code does) or its
+    mode (deterministic; used by the latent cache equality check)."""
+
+    def __post_init__(self):
+        _check(bool(self.pretrained), "model.pretrained", "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    source: str = "data/tiny_pairs/pairs.jsonl"
+    """A JSONL manifest (prompt, chosen, rejected), a folder holding pairs.jsonl, a local
+    parquet/arrow/json file or folder, or a hub dataset id (Pick-a-Pic schema)."""
+    format: Literal["auto", "manifest", "pickapic"] = "auto"
+    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping for other schemas, e.g. {caption: prompt, image_0: img_a, image_1: img_b,
+    label_0: pref_a}. Keys: caption, image_0, image_1, label_0 (Pick-a-Pic names by default)."""
+    ties: Literal["drop", "random"] = "drop"
+    """Pairs labelled 0.5: drop them (the papers' default), or order them at random (seeded)."""
+    resolution: int = 32
+    center_crop: bool = False
+    random_flip: bool = True
+    strict: bool = False
+    """Stop before training on the first bad row instead of skipping it with a warning."""
+    max_pairs: int | None = None
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _check(self.resolution >= 8, "data.resolution", f"must be >= 8, got {self.resolution}")
+        _check(self.max_pairs is None or self.max_pairs > 0, "data.max_pairs", "must be positive")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    name: str = "mapo"
+    """One of ``diffpo losses``. Every other key in this section is the objective's hparam, e.g.
+    ``loss.beta=0.2``; unknown hparams are an error."""
+    hparams: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        try:
+            spec = get_loss(self.name)
+            spec.resolve_hparams(self.hparams)
+        except ValueError as err:
+            raise ConfigError(f"loss: {err}") from None
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    """Pairs per process per micro-step (each pair is two images)."""
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100
+    """Optimizer steps."""
+    learning_rate: float = 1e-4
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int = 50
+    checkpoints_total_limit: int | None = 3
+    resume: str | None = None
+    """``latest`` (newest checkpoint in output_dir), a checkpoint folder, or null."""
+    max_nonfinite_in_row: int = 5
+    """Non-finite losses skip the step; this many in a row stop the run."""
+
+    def __post_init__(self):
+        for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "max_nonfinite_in_row"):
+            value = getattr(self, key)
+            _check(value > 0, f"train.{key}", f"must be positive, got {value}")
+        _check(self.learning_rate > 0, "train.learning_rate", f"must be positive, got {self.learning_rate}")
+        _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
+        _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "train.checkpoints_total_limit", "must be positive or null")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", "must be positive or null")
+
+
+@dataclass
+class LoggingConfig:
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    log_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.log_every > 0, "logging.log_every", "must be positive")
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["loss"] = {"name": self.loss.name, **self.loss.hparams}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks that name the key.
+# ----------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        _check(value in args, key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        return _build(annotation, value, key)
+    if origin is list:
+        _check(isinstance(value, list), key, f"must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    if cls is LossConfig:
+        # Every key besides name is an hparam of the objective: loss.beta=0.2.
+        data = dict(data)
+        kwargs["name"] = _coerce(data.pop("name", LossConfig.name), str, "loss.name")
+        hparams = data.pop("hparams", {}) or {}
+        hparams.update(data)
+        kwargs["hparams"] = {k: _coerce(v, float, f"loss.{k}") for k, v in hparams.items()}
+        return cls(**kwargs)
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown key (valid keys here: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=3", "loss.name=dmpo"]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _check(bool(key.strip()), item, "empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (optional), apply dotted overrides, validate, return ``Config``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,78 @@
+"""Torch dataset over ``PairRecord``s: the same crop and flip for both images of a pair."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from diffpo.data.pairs import PairRecord
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1] (what diffusers VAEs and UNets expect)."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    if min(w, h) == size:
+        return image
+    scale = size / min(w, h)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+
+
+class PairDataset(Dataset):
+    """Yields ``{"pixels_w", "pixels_l", "prompt"}``; randomness depends only on (seed, epoch, index).
+
+    Both images are resized so their shorter side is ``resolution``, then cropped at the same
+    offset and flipped together, so the pair stays comparable (the papers' scripts do the same).
+    Keying the randomness on (seed, epoch, index) instead of a running RNG makes a resumed run see
+    exactly the crops an uninterrupted one would.
+    """
+
+    def __init__(self, records: list[PairRecord], resolution: int, *, center_crop: bool = False, random_flip: bool = True, seed: int = 0):
+        self.records = records
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        images = [resize_shorter(record.open(which), self.resolution) for which in ("chosen", "rejected")]
+        # Use the smaller of the two sizes so one crop box fits both images.
+        w = min(im.size[0] for im in images)
+        h = min(im.size[1] for im in images)
+        size = self.resolution
+        if self.center_crop:
+            left, top = (w - size) // 2, (h - size) // 2
+        else:
+            left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+        flip = self.random_flip and bool(rng.random() < 0.5)
+        tensors = []
+        for image in images:
+            image = image.crop((left, top, left + size, top + size))
+            if flip:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            tensors.append(to_tensor(image))
+        return {"pixels_w": tensors[0], "pixels_l": tensors[1], "prompt": record.prompt, "index": index}
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    return {
+        "pixels_w": torch.stack([it["pixels_w"] for it in items]),
+        "pixels_l": torch.stack([it["pixels_l"] for it in items]),
+        "prompts": [it["prompt"] for it in items],
+        "indices": torch.tensor([it["index"] for it in items]),
+    }

@@ -1,0 +1,230 @@
+"""Preference objectives as pure per-pair functions, and their registry.
+
+Every objective takes per-sample denoising errors (see ``diffpo.objectives``): ``err_w`` and
+``err_l`` of shape (B,) for the preferred and dispreferred image of each pair, plus the frozen
+reference model's errors ``ref_w``/``ref_l`` when it needs them, and returns the per-pair loss
+of shape (B,). The training loss is its mean. A lower error means a higher likelihood (one-step
+diffusion ELBO), so "the model prefers x_w" means ``err_w < err_l``.
+
+Formulas: ../shared/LOSSES.md. Adding an objective = one function + one ``register`` call + tests;
+the trainer never changes.
+
+Public contract::
+
+    from diffpo.losses import LOSSES
+    spec = LOSSES["mapo"]
+    spec.needs_reference          # bool
+    loss = spec(err_w, err_l, ref_w=None, ref_l=None, beta=0.1)   # (B,)
+    spec.metrics(err_w, err_l, ref_w, ref_l, **hparams)           # dict[str, float]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+__all__ = ["LOSSES", "LossSpec", "register", "dpo_logit", "mapo_score", "get_loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def dpo_logit(err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float) -> Tensor:
+    """Diffusion-DPO's implicit reward margin h (Wallace et al. 2023, eq. 14).
+
+    h = -0.5 * beta * ((err_w - ref_w) - (err_l - ref_l)). h > 0 means the model has improved the
+    preferred image's likelihood relative to the reference more than the dispreferred one's.
+    Follows SalesforceAIResearch/DiffusionDPO train.py (``inside_term``).
+    """
+    return -0.5 * beta * ((err_w - ref_w) - (err_l - ref_l))
+
+
+def mapo_score(err: Tensor, snr_value: float) -> Tensor:
+    """MaPO's bounded, decreasing likelihood stand-in s(m) = a*m / (exp(a*m) - 1).
+
+    Follows mapo-t2i/mapo utils.py (``compute_loss``), which writes it with exp(); we use expm1
+    and the removable singularity's limit s(0) = 1 so that err -> 0 stays finite and exact.
+    For x = a*m: s = x / expm1(x); near 0, s ~ 1 - x/2 + x^2/12.
+    """
+    x = snr_value * err
+    small = x.abs() < 1e-4
+    safe_x = torch.where(small, torch.ones_like(x), x)
+    exact = safe_x / torch.expm1(safe_x)
+    series = 1.0 - x / 2.0 + x * x / 12.0
+    return torch.where(small, series, exact)
+
+
+# ----------------------------------------------------------------------------------------------
+# The objectives. Each returns the per-pair loss (B,).
+# ----------------------------------------------------------------------------------------------
+
+
+def sft_loss(err_w: Tensor, err_l: Tensor, ref_w=None, ref_l=None) -> Tensor:
+    """Supervised fine-tuning on the preferred image: loss = err_w (err_l is ignored)."""
+    return err_w
+
+
+def diffusion_dpo_loss(err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float = 5000.0) -> Tensor:
+    """Diffusion-DPO: loss = -log sigmoid(h). Equals log 2 when model == reference."""
+    return -F.logsigmoid(dpo_logit(err_w, err_l, ref_w, ref_l, beta))
+
+
+def mapo_loss(
+    err_w: Tensor,
+    err_l: Tensor,
+    ref_w=None,
+    ref_l=None,
+    beta: float = 0.1,
+    snr_value: float = 0.5,
+    num_train_timesteps: int = 1000,
+) -> Tensor:
+    """MaPO (Hong et al. 2024): loss = err_w - beta * log sigmoid(T * (s(err_w) - s(err_l))).
+
+    The first term (weight 1) is the likelihood term on the preferred image; the second widens the
+    margin between the two bounded scores. Reference-free. Follows mapo-t2i/mapo utils.py.
+    """
+    margin = num_train_timesteps * (mapo_score(err_w, snr_value) - mapo_score(err_l, snr_value))
+    return err_w - beta * F.logsigmoid(margin)
+
+
+def dmpo_loss(
+    err_w: Tensor,
+    err_l: Tensor,
+    ref_w: Tensor,
+    ref_l: Tensor,
+    beta: float = 5000.0,
+    alpha: float = math.log(999.0),
+) -> Tensor:
+    """DMPO read as the EXO-style reverse KL over the pair (see LOSSES.md: our reading).
+
+    p = sigmoid(h) is the model's implied probability that x_w beats x_l, q = sigmoid(alpha) the
+    target. loss = KL(p || q) for Bernoulli p, q — zero exactly at h = alpha, with gradient
+    sigmoid(h)sigmoid(-h)(h - alpha) in h: no runaway margin, unlike DPO. Log-sigmoids keep it
+    stable for large |h|.
+    """
+    h = dpo_logit(err_w, err_l, ref_w, ref_l, beta)
+    log_p, log_1mp = F.logsigmoid(h), F.logsigmoid(-h)
+    alpha_t = torch.as_tensor(alpha, dtype=h.dtype, device=h.device)
+    log_q, log_1mq = F.logsigmoid(alpha_t), F.logsigmoid(-alpha_t)
+    p = torch.sigmoid(h)
+    return p * (log_p - log_q) + (1.0 - p) * (log_1mp - log_1mq)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered objective: its function, whether it needs the reference, and its hparams."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    needs_reference: bool
+    hparams: Mapping[str, float] = field(default_factory=dict)
+    description: str = ""
+
+    def resolve_hparams(self, hparams: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Defaults overridden by ``hparams``; an unknown name is an error naming the valid ones."""
+        hparams = dict(hparams or {})
+        unknown = sorted(set(hparams) - set(self.hparams))
+        if unknown:
+            valid = ", ".join(self.hparams) or "none"
+            raise ValueError(f"loss '{self.name}' has no hparam {', '.join(map(repr, unknown))} (valid: {valid})")
+        return {**self.hparams, **hparams}
+
+    def _check_reference(self, ref_w: Tensor | None, ref_l: Tensor | None) -> None:
+        if self.needs_reference and (ref_w is None or ref_l is None):
+            raise ValueError(f"loss '{self.name}' needs the reference errors ref_w and ref_l")
+
+    def __call__(self, err_w: Tensor, err_l: Tensor, ref_w: Tensor | None = None, ref_l: Tensor | None = None, **hparams) -> Tensor:
+        """Per-pair loss, shape (B,)."""
+        self._check_reference(ref_w, ref_l)
+        resolved = self.resolve_hparams(hparams)
+        if self.needs_reference:
+            return self.fn(err_w, err_l, ref_w, ref_l, **resolved)
+        return self.fn(err_w, err_l, **resolved)
+
+    @torch.no_grad()
+    def metrics(self, err_w: Tensor, err_l: Tensor, ref_w: Tensor | None = None, ref_l: Tensor | None = None, **hparams) -> dict[str, float]:
+        """Logging metrics shared by every objective, so no loss needs its own logging code.
+
+        ``margin`` is the objective's own preference logit: DPO's h for reference-based losses,
+        MaPO's T*(s(err_w) - s(err_l)) for mapo, and err_l - err_w otherwise. Implicit accuracy is
+        the fraction of pairs with margin > 0 (LOSSES.md).
+        """
+        resolved = self.resolve_hparams(hparams)
+        err_w, err_l = err_w.detach().float(), err_l.detach().float()
+        out = {"err_w": err_w.mean().item(), "err_l": err_l.mean().item()}
+        if ref_w is not None and ref_l is not None:
+            ref_w, ref_l = ref_w.detach().float(), ref_l.detach().float()
+            out.update(ref_w=ref_w.mean().item(), ref_l=ref_l.mean().item())
+        if self.needs_reference:
+            self._check_reference(ref_w, ref_l)
+            margin = dpo_logit(err_w, err_l, ref_w, ref_l, resolved["beta"])
+        elif self.name == "mapo":
+            margin = resolved["num_train_timesteps"] * (
+                mapo_score(err_w, resolved["snr_value"]) - mapo_score(err_l, resolved["snr_value"])
+            )
+        else:
+            margin = err_l - err_w
+        out.update(margin=margin.mean().item(), implicit_accuracy=(margin > 0).float().mean().item())
+        return out
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register(spec: LossSpec) -> LossSpec:
+    """Add an objective to the registry; names are unique."""
+    if spec.name in LOSSES:
+        raise ValueError(f"loss '{spec.name}' is already registered")
+    LOSSES[spec.name] = spec
+    return spec
+
+
+def get_loss(name: str) -> LossSpec:
+    """Look up an objective by name with an error that lists the valid ones."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss '{name}' (valid: {', '.join(LOSSES)})") from None
+
+
+register(LossSpec("sft", sft_loss, needs_reference=False, description="supervised fine-tuning on the preferred image (err_w)"))
+register(
+    LossSpec(
+        "diffusion_dpo",
+        diffusion_dpo_loss,
+        needs_reference=True,
+        hparams={"beta": 5000.0},
+        description="Diffusion-DPO (Wallace et al. 2023): -log sigmoid of the reference-relative margin",
+    )
+)
+register(
+    LossSpec(
+        "mapo",
+        mapo_loss,
+        needs_reference=False,
+        hparams={"beta": 0.1, "snr_value": 0.5, "num_train_timesteps": 1000},
+        description="MaPO (Hong et al. 2024): err_w plus a reference-free margin on bounded scores",
+    )
+)
+register(
+    LossSpec(
+        "dmpo",
+        dmpo_loss,
+        needs_reference=True,
+        hparams={"beta": 5000.0, "alpha": math.log(999.0)},
+        description="DMPO (Li et al. 2025), our reading: reverse KL(sigmoid(h) || sigmoid(alpha))",
+    )
+)

@@ -1,0 +1,312 @@
+"""The training loop on accelerate: errors -> loss -> backward -> step -> log -> checkpoint.
+
+Read it top to bottom: ``train`` sets things up, ``pair_errors`` is the one place where the model
+runs, and the loop is flat. Any registered objective trains without changes here: the loss spec
+says whether the reference model is needed, and its ``metrics`` are logged as they come.
+
+Reproducibility: noise, timesteps and VAE posterior samples come from a CPU generator seeded by
+(seed, micro-step, rank), crops/flips by (seed, epoch, index), and data order by (seed, epoch); with
+the optimizer/scheduler/RNG state restored by accelerate, a resumed run repeats an uninterrupted
+one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from diffpo.checkpoint import list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
+from diffpo.config import Config, save_config
+from diffpo.data import PairDataset, collate_pairs, load_pair_records
+from diffpo.losses import LossSpec, get_loss
+from diffpo.models import Components, Reference, add_lora, load_components, trainable_parameters
+from diffpo.objectives import noise_pairs, per_sample_error, split_pairs
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite losses, too little data, ...)."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    skipped_steps: int
+    seconds: float
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch): data order survives a resume."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """Independent CPU generator per (seed, micro-step, rank)."""
+    state = np.random.SeedSequence([seed, micro_step, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def pair_errors(
+    components: Components,
+    network: torch.nn.Module,
+    batch: dict,
+    generator: torch.Generator,
+    reference: Reference | None,
+    sample_latents: bool,
+    autocast,
+) -> dict[str, torch.Tensor]:
+    """Per-sample errors of the trained network (and of the reference when given) on one batch.
+
+    One forward pass over the 2B inputs [winners; losers] with shared noise and timestep per pair.
+    """
+    family = components.family
+    with torch.no_grad():
+        cond = family.encode_prompts(components, batch["prompts"])
+        latents_w = family.encode_images(components, batch["pixels_w"], sample=sample_latents, generator=generator)
+        latents_l = family.encode_images(components, batch["pixels_l"], sample=sample_latents, generator=generator)
+    noised = noise_pairs(components.scheduler, latents_w.float(), latents_l.float(), generator)
+    cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+    prediction = family.predict(components, network, noised.noisy, noised.timesteps, cond)
+    err_w, err_l = split_pairs(per_sample_error(prediction, noised.target))
+    out = {"err_w": err_w, "err_l": err_l}
+    if reference is not None:
+        with torch.no_grad(), autocast(), reference.network(_unwrap(network)) as ref_net:
+            ref_prediction = family.predict(components, ref_net, noised.noisy, noised.timesteps, cond)
+        out["ref_w"], out["ref_l"] = split_pairs(per_sample_error(ref_prediction, noised.target))
+    return out
+
+
+def _unwrap(network):
+    return getattr(network, "module", network)
+
+
+def build_optimizer(params, cfg: Config):
+    tc = cfg.train
+    kwargs = dict(lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon)
+    if tc.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _flat_config(cfg: Config) -> dict:
+    flat = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, dict):
+                walk(name, value)
+            else:
+                flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", cfg.to_dict())
+    return flat
+
+
+def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    output_dir = Path(cfg.output_dir)
+    tc = cfg.train
+    accelerator = Accelerator(
+        # Windows may span epochs: the step count must not depend on where an epoch ends.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=tc.gradient_accumulation_steps, sync_with_dataloader=False),
+        mixed_precision=tc.mixed_precision,
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    set_seed(cfg.seed)
+    spec: LossSpec = get_loss(cfg.loss.name)
+    hparams = spec.resolve_hparams(cfg.loss.hparams)
+
+    # Data first: bad data stops the run before any model loads.
+    records, report = load_pair_records(cfg.data, seed=cfg.seed)
+    if accelerator.is_main_process:
+        logger.info(report.summary())
+    global_batch = tc.batch_size * accelerator.num_processes
+    if len(records) < global_batch:
+        raise TrainingError(f"{cfg.data.source}: {len(records)} usable pairs, fewer than one global batch ({global_batch})")
+
+    components = load_components(cfg.model, cache_dir=cache_dir)
+    network = components.network
+    use_lora = cfg.model.lora.enabled
+    set_seed(cfg.seed)  # adapter init must not depend on what loading consumed from the RNG
+    if use_lora:
+        add_lora(network, cfg.model.lora)
+    else:
+        network.requires_grad_(True)
+    if cfg.model.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    network.train()
+    reference = Reference(network, use_lora) if spec.needs_reference else None
+
+    # Frozen parts run in the compute dtype; trained weights stay float32 (master weights).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
+    for module in components.frozen_modules():
+        module.to(accelerator.device, dtype=weight_dtype)
+    if reference is not None and reference.frozen is not None:
+        reference.frozen.to(accelerator.device, dtype=weight_dtype)
+
+    params = trainable_parameters(network)
+    optimizer = build_optimizer(params, cfg)
+    lr_scheduler = get_scheduler(
+        tc.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=tc.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=tc.max_steps * accelerator.num_processes,
+    )
+    dataset = PairDataset(records, cfg.data.resolution, center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip, seed=cfg.seed)
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    dataloader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate_pairs, num_workers=cfg.data.num_workers, drop_last=True)
+    network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+
+    # Resume: restore model/optimizer/scheduler/RNG, then skip the micro-batches already seen.
+    step, skipped_total = 0, 0
+    resume_from = resolve_resume(tc.resume, output_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = read_state(resume_from)
+        step, skipped_total = state["step"], state["skipped_steps"]
+        if state.get("num_processes", 1) * state.get("batch_size", tc.batch_size) != global_batch:
+            raise TrainingError(f"cannot resume {resume_from}: it used a global batch of {state['num_processes'] * state['batch_size']}, this run {global_batch}")
+        logger.info("resumed from %s at step %d", resume_from, step)
+    elif tc.resume == "latest":
+        logger.info("train.resume=latest: no checkpoint in %s, starting fresh", output_dir)
+
+    metrics_path = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+        if resume_from is None:
+            metrics_path.unlink(missing_ok=True)
+        else:
+            _truncate_metrics(metrics_path, step)
+        accelerator.init_trackers("diffpo", config=_flat_config(cfg)) if cfg.logging.report_to != "none" else None
+
+    micro_per_epoch = len(dataloader)
+    micro_step = step * tc.gradient_accumulation_steps
+    epoch, skip = divmod(micro_step, micro_per_epoch)
+    progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.loss.name}", disable=not (cfg.logging.progress and accelerator.is_local_main_process))
+    nonfinite_in_row, window_ok, window = 0, True, []
+    sample_latents = cfg.model.latent_sampling == "sample"
+
+    while step < tc.max_steps:
+        sampler.begin_epoch(epoch)  # not set_epoch: accelerate would reset it to its own counter on resume
+        dataset.begin_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        for batch in batches:
+            generator = step_generator(cfg.seed, micro_step, accelerator.process_index)
+            micro_step += 1
+            with accelerator.accumulate(network):
+                errors = pair_errors(components, network, batch, generator, reference, sample_latents, accelerator.autocast)
+                loss = spec(**errors, **hparams).mean()
+                # Every rank must agree on skipping, or DDP would wait forever for a backward.
+                finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+                if finite:
+                    accelerator.backward(loss)
+                    window.append({"loss": loss.item(), **spec.metrics(**errors, **hparams)})
+                window_ok &= finite
+                grad_norm = None
+                if accelerator.sync_gradients and window_ok:
+                    if tc.max_grad_norm is not None:
+                        grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+
+            # One optimizer step is done (or skipped).
+            step += 1
+            if window_ok:
+                nonfinite_in_row = 0
+            else:
+                nonfinite_in_row += 1
+                skipped_total += 1
+                logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_in_row)
+                if nonfinite_in_row >= tc.max_nonfinite_in_row:
+                    raise TrainingError(
+                        f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss (train.max_nonfinite_in_row); "
+                        f"stopped at step {step}. Lower train.learning_rate, or check the data; the last checkpoint is intact."
+                    )
+            record = {"step": step, "lr": lr_scheduler.get_last_lr()[0], "skipped": not window_ok, "skipped_total": skipped_total}
+            if window:
+                record.update({key: float(np.mean([m[key] for m in window])) for key in window[0]})
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+            window, window_ok = [], True
+            if accelerator.is_main_process and step % cfg.logging.log_every == 0:
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                if cfg.logging.report_to != "none":
+                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
+            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                state = {"step": step, "skipped_steps": skipped_total, "num_processes": accelerator.num_processes, "batch_size": tc.batch_size, "loss": cfg.loss.name}
+                save_checkpoint(accelerator, output_dir, step, state, tc.checkpoints_total_limit)
+            if step >= tc.max_steps:
+                break
+        epoch, skip = epoch + 1, 0
+    progress.close()
+
+    final_dir = output_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = output_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(network)
+        if use_lora:
+            components.family.save_lora(unwrapped, tmp)
+        else:
+            components.family.save_full(components, unwrapped.to(torch.float32), tmp)
+        publish_dir(tmp, final_dir)
+    accelerator.end_training()
+    return TrainResult(output_dir, final_dir, step, skipped_total, time.perf_counter() - started)
+
+
+__all__ = ["train", "TrainResult", "TrainingError", "pair_errors", "list_checkpoints"]

@@ -1,0 +1,203 @@
+"""The trainer end to end on a tiny in-process SD model: every objective, LoRA and full fine-tuning,
+checkpoints, exact resume, non-finite handling and the diffusers round trip of the result."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from diffpo import losses as losses_module
+from diffpo.checkpoint import list_checkpoints
+from diffpo.config import config_from_dict
+from diffpo.train import TrainingError, train
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory):
+    """8 pairs: chosen = a bright disc, rejected = a dark square, on grey."""
+    root = tmp_path_factory.mktemp("pairs")
+    lines = []
+    for i in range(8):
+        w = Image.new("RGB", (32, 32), (128, 128, 128))
+        ImageDraw.Draw(w).ellipse((6 + i % 3, 6, 24 + i % 3, 24), fill=(250, 200 - 10 * i, 40))
+        l = Image.new("RGB", (32, 32), (128, 128, 128))
+        ImageDraw.Draw(l).rectangle((8, 8 + i % 2, 22, 22 + i % 2), fill=(20, 30, 60 + 10 * i))
+        w.save(root / f"w{i}.png")
+        l.save(root / f"l{i}.png")
+        lines.append(json.dumps({"prompt": f"a red circle on a gray background" if i % 2 else "a blue square on a gray background", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+def make_cfg(out: Path, data: Path, **sections):
+    base = {
+        "output_dir": str(out),
+        "seed": 3,
+        "model": {"pretrained": "tiny:sd", "lora": {"enabled": True, "rank": 4}},
+        "data": {"source": str(data), "resolution": 32},
+        "loss": {"name": "mapo"},
+        "train": {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "checkpoint_every": 2},
+        "logging": {"report_to": "none", "progress": False},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(base)
+
+
+def read_metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_and_base_params(out_dir, cache):
+    from diffpo.models import load_components
+    from diffpo.config import ModelConfig
+
+    return load_components(ModelConfig(pretrained="tiny:sd"), cache_dir=cache)
+
+
+@pytest.mark.parametrize("loss", ["sft", "diffusion_dpo", "mapo", "dmpo"])
+def test_each_objective_trains_with_lora_and_round_trips(loss, tmp_path, pair_dir, model_cache):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / loss
+    result = train(make_cfg(out, pair_dir, loss={"name": loss}), cache_dir=model_cache)
+    assert result.steps == 2 and result.skipped_steps == 0
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"loss", "lr", "err_w", "err_l", "margin", "implicit_accuracy"} <= set(m)
+        assert torch.isfinite(torch.tensor(m["loss"]))
+        assert ("ref_w" in m) == losses_module.LOSSES[loss].needs_reference
+    if loss == "diffusion_dpo":
+        assert metrics[0]["loss"] == pytest.approx(0.6931, abs=2e-3)  # model == reference at step 1
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+    # The LoRA loads into the diffusers pipeline and changes its output.
+    base_dir = model_cache / "sd"
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red circle", num_inference_steps=2, output_type="np", height=32, width=32)
+    before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(out / "final")
+    after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert abs(after - before).max() > 1e-4
+
+
+def test_lora_changes_only_adapters(tmp_path, pair_dir, model_cache):
+    from safetensors.torch import load_file
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "run"
+    train(make_cfg(out, pair_dir, loss={"name": "diffusion_dpo"}), cache_dir=model_cache)
+    base = UNet2DConditionModel.from_pretrained(model_cache / "sd", subfolder="unet")
+    state = load_file(out / "checkpoint-2" / "model.safetensors")
+    lora_keys = [k for k in state if "lora" in k]
+    base_keys = [k for k in state if "lora" not in k]
+    assert lora_keys and base_keys
+    # LoRA B matrices start at gaussian init (not zero in peft 'gaussian'); they must have moved:
+    from peft import LoraConfig  # noqa: F401  (peft must be importable)
+    base_state = base.state_dict()
+    for key in base_keys:  # frozen base weights are bit-identical after training
+        name = key.replace(".base_layer", "")
+        torch.testing.assert_close(state[key], base_state[name], rtol=0, atol=0)
+
+
+def test_full_finetune_changes_network_not_reference_or_frozen_parts(tmp_path, pair_dir, model_cache, monkeypatch):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffpo import models
+
+    seen = {}
+    original = models.Reference.__init__
+
+    def spy(self, network, use_lora):
+        original(self, network, use_lora)
+        seen["ref"] = self
+
+    monkeypatch.setattr(models.Reference, "__init__", spy)
+    out = tmp_path / "full"
+    cfg = make_cfg(out, pair_dir, loss={"name": "diffusion_dpo"}, model={"lora": {"enabled": False}}, train={"learning_rate": 1e-3})
+    train(cfg, cache_dir=model_cache)
+    base_unet = UNet2DConditionModel.from_pretrained(model_cache / "sd", subfolder="unet")
+    tuned = StableDiffusionPipeline.from_pretrained(out / "final", safety_checker=None, requires_safety_checker=False)
+    base = StableDiffusionPipeline.from_pretrained(model_cache / "sd", safety_checker=None, requires_safety_checker=False)
+    changed = [n for n, p in tuned.unet.named_parameters() if not torch.equal(p, base_unet.state_dict()[n])]
+    assert len(changed) > 0.5 * len(list(base_unet.parameters()))
+    # the frozen reference copy still equals the base network
+    for n, p in seen["ref"].frozen.named_parameters():
+        torch.testing.assert_close(p.float(), base_unet.state_dict()[n], rtol=0, atol=0)
+    # text encoder and VAE untouched
+    for a, b in zip(tuned.text_encoder.parameters(), base.text_encoder.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(tuned.vae.parameters(), base.vae.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, pair_dir, model_cache):
+    common = dict(loss={"name": "dmpo"}, train={"max_steps": 5, "checkpoint_every": 2, "gradient_accumulation_steps": 2, "lr_warmup_steps": 2})
+    full = tmp_path / "full"
+    train(make_cfg(full, pair_dir, **common), cache_dir=model_cache)
+
+    part = tmp_path / "part"
+    first = make_cfg(part, pair_dir, **{**common, "train": {**common["train"], "max_steps": 3}})
+    train(first, cache_dir=model_cache)  # checkpoints at 2 and 3
+    # Throw away the step-3 checkpoint so the resume starts mid-epoch, from step 2.
+    import shutil
+
+    shutil.rmtree(part / "checkpoint-3")
+    resumed = make_cfg(part, pair_dir, **{**common, "train": {**common["train"], "resume": "latest"}})
+    train(resumed, cache_dir=model_cache)
+    a, b = read_metrics(full), read_metrics(part)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    for ma, mb in zip(a, b):
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6, abs=1e-9), (ma, mb)
+        assert ma["lr"] == pytest.approx(mb["lr"])
+
+
+def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tmp_path, pair_dir, model_cache, monkeypatch):
+    out = tmp_path / "nan"
+    train(make_cfg(out, pair_dir, train={"max_steps": 2, "checkpoint_every": 2}), cache_dir=model_cache)
+    ckpt = out / "checkpoint-2"
+    before = {p.name: p.stat().st_size for p in ckpt.iterdir()}
+
+    spec = losses_module.LOSSES["mapo"]
+    nan_spec = type(spec)(spec.name, lambda err_w, err_l, **hp: err_w * float("nan"), spec.needs_reference, spec.hparams)
+    monkeypatch.setitem(losses_module.LOSSES, "mapo", nan_spec)
+    cfg = make_cfg(out, pair_dir, train={"max_steps": 10, "checkpoint_every": 2, "resume": "latest", "max_nonfinite_in_row": 2})
+    with pytest.raises(TrainingError, match="2 optimizer steps in a row had a non-finite loss"):
+        train(cfg, cache_dir=model_cache)
+    metrics = read_metrics(out)
+    assert [m["skipped"] for m in metrics] == [False, False, True]
+    assert {p.name: p.stat().st_size for p in ckpt.iterdir()} == before
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+
+
+def test_failed_save_leaves_previous_checkpoint(tmp_path, pair_dir, model_cache, monkeypatch):
+    import accelerate
+
+    out = tmp_path / "crash"
+    train(make_cfg(out, pair_dir, train={"max_steps": 2, "checkpoint_every": 1, "checkpoints_total_limit": 5}), cache_dir=model_cache)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+
+    def boom(self, output_dir=None, **kw):
+        Path(output_dir, "partial.bin").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", boom)
+    cfg = make_cfg(out, pair_dir, train={"max_steps": 3, "checkpoint_every": 1, "resume": "latest", "checkpoints_total_limit": 5})
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, cache_dir=model_cache)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "checkpoint-3").exists()
+
+
+def test_too_few_pairs_is_a_clear_error(tmp_path, pair_dir, model_cache):
+    with pytest.raises(TrainingError, match="fewer than one global batch"):
+        train(make_cfg(tmp_path / "x", pair_dir, train={"batch_size": 64}), cache_dir=model_cache)
