@@ -14,9 +14,11 @@ model, not just on clean renders, so every step is chosen for robustness:
 4. shape = the template whose moment-aligned rendering has the highest soft IoU
    with the per-pixel coverage (alpha matte) of the silhouette.
 
-Measured on renders of every prompt (tests/toy/test_checker.py): colour and
-shape accuracy 1.0 on clean renders of all styles, >= 0.99 with Gaussian noise
-of std 20/255 after a 0.6 px blur.
+Measured on renders of every prompt in every style (tests/toy/test_checker.py):
+colour and shape accuracy 1.0 clean and >= 0.99 with Gaussian noise of std
+20/255 after a 0.6 px blur.  Heavier damage degrades shape first (noise 40/255
+plus 1 px blur: ~0.9; a 1.5 px blur: ~0.83, small stars and squares read as
+circles); colour stays >= 0.98.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from diffpo.toy.grammar import BACKGROUNDS, COLORS, EXTRA_SHAPES, SHAPES, ShapePrompt
-from diffpo.toy.render import MAX_ROTATION_DEG, unit_vertices, polygon_coverage
+from diffpo.toy.render import MAX_ROTATION_DEG, polygon_coverage, unit_vertices
 
 ImageLike = Image.Image | np.ndarray
 
@@ -60,9 +62,9 @@ _TEMPLATE_ANGLES = (-MAX_ROTATION_DEG, 0.0, MAX_ROTATION_DEG)
 _NEIGHBOURS_8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
-@dataclass
+@dataclass(eq=False)
 class Segmentation:
-    """Background estimate and foreground masks of one image."""
+    """Background estimate and foreground masks of one image (arrays: compared by identity)."""
 
     background: str
     background_rgb: np.ndarray

@@ -31,10 +31,17 @@ SIZE_RANGES: dict[str | None, tuple[float, float]] = {
 """Nominal shape width as a fraction of the canvas, per size word."""
 
 MAX_ROTATION_DEG = 6.0
+"""Rotation jitter of squares, triangles and stars (circles are not rotated)."""
+
 FG_JITTER = 10
 BG_JITTER = 5
+"""Per-channel colour jitter of foreground and background (uniform integers in +-jitter)."""
+
 MARGIN = 0.05
-"""Minimum gap between a shape and the canvas edge, as a fraction of the canvas."""
+"""Minimum gap between a shape and the canvas edge, as a fraction of the canvas.
+
+At 32x32 this is 1.6 pixels, so the outermost pixel ring is pure background,
+which is what the checker reads the background colour from."""
 
 POSITION_JITTER = 0.02
 """Spread of placement around a position word's anchor, as a fraction of the canvas."""
@@ -77,7 +84,7 @@ def unit_vertices(shape: str, angle_deg: float = 0.0) -> np.ndarray:
     return points @ rotation.T
 
 
-def inradius(vertices: np.ndarray) -> float:
+def _inradius(vertices: np.ndarray) -> float:
     """Distance from the origin to the nearest edge line of a polygon."""
     starts, ends = vertices, np.roll(vertices, -1, axis=0)
     edges = ends - starts
@@ -85,7 +92,7 @@ def inradius(vertices: np.ndarray) -> float:
     return float(np.min(cross / np.linalg.norm(edges, axis=1)))
 
 
-def polygon_mask(vertices_px: np.ndarray, size: int) -> np.ndarray:
+def _polygon_mask(vertices_px: np.ndarray, size: int) -> np.ndarray:
     """Boolean (size, size) mask of a polygon given in pixel coordinates."""
     canvas = Image.new("L", (size, size), 0)
     ImageDraw.Draw(canvas).polygon([tuple(p) for p in vertices_px.tolist()], fill=255)
@@ -94,7 +101,7 @@ def polygon_mask(vertices_px: np.ndarray, size: int) -> np.ndarray:
 
 def polygon_coverage(vertices_px: np.ndarray, size: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
     """Anti-aliased (size, size) coverage in [0, 1] of a polygon given in pixel coordinates."""
-    mask = polygon_mask(vertices_px * supersample, size * supersample)
+    mask = _polygon_mask(vertices_px * supersample, size * supersample)
     return mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
@@ -165,12 +172,12 @@ def render(
     hi = resolution * SUPERSAMPLE
     px_per_ref = hi / 32.0  # stroke and stripe sizes are specified at 32x32
     canvas = np.broadcast_to(bg.astype(float), (hi, hi, 3)).copy()
-    canvas[polygon_mask((vertices + center) * hi, hi)] = fg
+    canvas[_polygon_mask((vertices + center) * hi, hi)] = fg
     if style != "solid" and severity > 0.0:
-        full = inradius(vertices) * hi
+        full = _inradius(vertices) * hi
         thin = THIN_STROKE_PX * px_per_ref
         stroke = (1.0 - severity) * full + severity * thin if style == "outline" else thin
-        inner = polygon_mask((vertices * max(0.0, 1.0 - stroke / full) + center) * hi, hi)
+        inner = _polygon_mask((vertices * max(0.0, 1.0 - stroke / full) + center) * hi, hi)
         if style == "outline":
             canvas[inner] = bg
         else:
