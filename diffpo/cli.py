@@ -18,10 +18,11 @@ from diffpo.config import ConfigError, load_config
 
 def _explainable_errors() -> tuple[type[BaseException], ...]:
     from diffpo.data import DataError
+    from diffpo.evaluate.run import EvalError
     from diffpo.models import ModelLoadError
     from diffpo.train import TrainingError
 
-    return ConfigError, DataError, ModelLoadError, TrainingError, FileNotFoundError
+    return ConfigError, DataError, EvalError, ModelLoadError, TrainingError, FileNotFoundError
 
 
 def cmd_losses(args: argparse.Namespace) -> int:

@@ -1,0 +1,94 @@
+"""``diffpo eval``: compare a tuned model with its base on the same prompts and seeds.
+
+    diffpo eval --model runwayml/stable-diffusion-v1-5 --lora runs/mapo/final \\
+        --prompts parti.jsonl --scorers pickscore,hpsv21 --images-per-prompt 4 --seed 0 --out evals/mapo
+
+writes ``OUT/report.md`` (table and setup), ``OUT/results.json``, ``OUT/scores.jsonl`` (per image),
+``OUT/grid.png`` and ``OUT/images/``. Re-running with the same models, prompts, seeds and sampler
+settings reuses the saved images and only scores again.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffpo.evaluate.prompts import BUILTIN_SETS, load_prompts
+from diffpo.evaluate.run import EvalError, evaluate_models, format_table, load_tuned, write_report
+from diffpo.evaluate.scorers import SCORERS, Scorer, load_scorer
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _scorer_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise EvalError(f"--scorers: no scorer names in '{text}' (valid: {', '.join(sorted(SCORERS))})")
+    unknown = [name for name in names if name not in SCORERS]
+    if unknown:
+        raise EvalError(f"unknown scorer(s) {', '.join(unknown)}; valid: {', '.join(sorted(SCORERS))}")
+    return names
+
+
+def _load_scorer(name: str, device: str) -> Scorer:
+    """Build a scorer, turning load failures (offline, missing package) into one error line."""
+    try:
+        return load_scorer(name, device=device)
+    except (OSError, ImportError, RuntimeError, ValueError) as err:
+        raise EvalError(f"cannot load scorer '{name}': {err}") from err
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Load prompts and scorers first (cheap, fail fast), then the models, then sample and score."""
+    names = _scorer_names(args.scorers)
+    prompts = load_prompts(args.prompts)[: args.max_prompts]
+    scorers = {name: _load_scorer(name, args.device) for name in names}
+    base, tuned = load_tuned(args.model, lora=args.lora, checkpoint=args.checkpoint, tuned_model=args.tuned_model)
+    sampler = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "resolution": args.resolution, "batch_size": args.batch_size}
+    results = evaluate_models(
+        base,
+        tuned,
+        prompts,
+        images_per_prompt=args.images_per_prompt,
+        seed=args.seed,
+        scorers=scorers,
+        sampler=sampler,
+        out_dir=args.out,
+        device=args.device,
+    )
+    results["prompt_set"] = args.prompts
+    write_report(results, args.out)
+    print(format_table(results))
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="compare a tuned model with its base on the same prompts and seeds",
+        description="Compare a tuned model with its base on the same prompts and seeds. Writes OUT/report.md, "
+        "results.json, scores.jsonl (per image), grid.png and images/; a re-run with the same settings reuses the images.",
+    )
+    p.add_argument("--model", required=True, help="base model: hub id, local diffusers folder, or tiny:sd")
+    tuned = p.add_mutually_exclusive_group(required=True)
+    tuned.add_argument("--lora", help="LoRA: a training run (or its final/ folder), or a .safetensors file")
+    tuned.add_argument("--checkpoint", help="a checkpoint-N folder written by diffpo train")
+    tuned.add_argument("--tuned-model", help="a full fine-tuned pipeline: local folder or hub id")
+    p.add_argument("--prompts", required=True, help=f"a .txt/.jsonl file or a built-in set ({', '.join(BUILTIN_SETS)})")
+    p.add_argument("--scorers", required=True, help=f"comma-separated reward models: {', '.join(sorted(SCORERS))}")
+    p.add_argument("--images-per-prompt", type=_positive_int, default=4, help="images per prompt and model (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed SEED+j for both models")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--steps", type=_positive_int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    p.add_argument("--resolution", type=_positive_int, default=None, help="image size (default: the model's)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per sampling batch (default 64)")
+    p.add_argument("--device", default="cpu", help="torch device for sampling and scoring (default cpu)")
+    p.add_argument("--max-prompts", type=_positive_int, default=None, help="evaluate only the first K prompts")
+    p.set_defaults(func=cmd_eval)
