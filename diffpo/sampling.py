@@ -43,8 +43,14 @@ def generate(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "sampling",
+    clip_sample: bool | None = None,
 ) -> list[Image.Image]:
-    """Sample one image per (prompt, seed) with DDIM and classifier-free guidance."""
+    """Sample one image per (prompt, seed) with DDIM and classifier-free guidance.
+
+    ``clip_sample`` clips DDIM's x0 estimate to [-1, 1]; by default on for pixel-space models (where
+    that range is the data's) and off for latent models. Without it, an epsilon model's x0 estimate
+    at the first, almost pure-noise step is amplified by 1/sqrt(alpha_bar) and washes colours out.
+    """
     from diffusers import DDIMScheduler
 
     if len(prompts) != len(seeds):
@@ -56,7 +62,9 @@ def generate(
     sample_size = network.config.sample_size
     size = (resolution // scale) if resolution else sample_size
     channels = network.config.in_channels
-    scheduler = DDIMScheduler.from_config(components.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    if clip_sample is None:
+        clip_sample = vae is None
+    scheduler = DDIMScheduler.from_config(components.scheduler.config, clip_sample=clip_sample, set_alpha_to_one=False)
     family = components.family
     dtype = next(network.parameters()).dtype
     uncond = family.encode_prompts(components, [""])["encoder_hidden_states"]
