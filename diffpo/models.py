@@ -100,7 +100,11 @@ class Family:
         from diffusers.utils import convert_state_dict_to_diffusers
 
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
-        self.pipeline_class.save_lora_weights(out_dir, **{self.lora_prefix_argument: state})
+        # The adapter config (rank, alpha, targets) travels as metadata: without it diffusers loads
+        # with alpha = rank, which silently rescales any LoRA trained with alpha != rank.
+        metadata = network.peft_config["default"].to_dict()
+        metadata_argument = self.lora_prefix_argument.replace("_lora_layers", "_lora_adapter_metadata")
+        self.pipeline_class.save_lora_weights(out_dir, **{self.lora_prefix_argument: state, metadata_argument: metadata})
 
 
 FAMILIES: dict[str, Callable[[], Family]] = {}
@@ -204,7 +208,12 @@ def detect_family(path: str) -> str:
 
 
 def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
-    """``tiny:<name>`` -> build the tiny model once into a local folder; anything else as is."""
+    """``tiny:<name>`` -> build the tiny model once into a local folder; ``toy:base`` -> the
+    committed shapes-world base model; anything else (hub id, folder) as is."""
+    if pretrained == "toy:base":
+        from diffpo.toy.base import ASSET_DIR
+
+        return str(ASSET_DIR)
     if not pretrained.startswith("tiny:"):
         return pretrained
     from diffpo.tiny import build_tiny

@@ -233,6 +233,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     nonfinite_in_row, window_ok, window = 0, True, []
     sample_latents = cfg.model.latent_sampling == "sample"
 
+    step_started = time.perf_counter()
     while step < tc.max_steps:
         sampler.begin_epoch(epoch)  # not set_epoch: accelerate would reset it to its own counter on resume
         dataset.begin_epoch(epoch)
@@ -272,7 +273,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
                         f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss (train.max_nonfinite_in_row); "
                         f"stopped at step {step}. Lower train.learning_rate, or check the data; the last checkpoint is intact."
                     )
-            record = {"step": step, "lr": lr_scheduler.get_last_lr()[0], "skipped": not window_ok, "skipped_total": skipped_total}
+            record = {"step": step, "lr": lr_scheduler.get_last_lr()[0], "skipped": not window_ok, "skipped_total": skipped_total, "step_seconds": time.perf_counter() - step_started}
             if window:
                 record.update({key: float(np.mean([m[key] for m in window])) for key in window[0]})
             if grad_norm is not None:
@@ -291,6 +292,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
                 save_checkpoint(accelerator, output_dir, step, state, tc.checkpoints_total_limit)
             if step >= tc.max_steps:
                 break
+            step_started = time.perf_counter()
         epoch, skip = epoch + 1, 0
     progress.close()
 

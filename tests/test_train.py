@@ -201,3 +201,24 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, pair_dir, model_cache,
 def test_too_few_pairs_is_a_clear_error(tmp_path, pair_dir, model_cache):
     with pytest.raises(TrainingError, match="fewer than one global batch"):
         train(make_cfg(tmp_path / "x", pair_dir, train={"batch_size": 64}), cache_dir=model_cache)
+
+
+def test_saved_lora_keeps_alpha_when_loaded_by_diffusers(tmp_path, pair_dir, model_cache):
+    """alpha != rank: the pipeline must apply the adapter at the trained scale (alpha / rank = 2)."""
+    from diffusers import StableDiffusionPipeline
+    from diffpo.evaluate.run import load_tuned
+
+    out = tmp_path / "alpha"
+    train(make_cfg(out, pair_dir, model={"lora": {"enabled": True, "rank": 4, "alpha": 8.0}}, train={"learning_rate": 5e-2}), cache_dir=model_cache)
+    _, from_checkpoint = load_tuned("tiny:sd", checkpoint=str(out / "checkpoint-2"), cache_dir=model_cache)
+    pipe = StableDiffusionPipeline.from_pretrained(model_cache / "sd", safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(out / "final")
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = from_checkpoint.network(x, t, encoder_hidden_states=context).sample
+        got = pipe.unet(x, t, encoder_hidden_states=context).sample
+        base = StableDiffusionPipeline.from_pretrained(model_cache / "sd").unet(x, t, encoder_hidden_states=context).sample
+    assert (expected - base).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

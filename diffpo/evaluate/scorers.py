@@ -596,3 +596,13 @@ register_scorer("hpsv21", _hps_factory("HPS_v2.1_compressed.pt", "hpsv21"))
 register_scorer("aesthetic", _aesthetic)
 register_scorer("clip_score", _clip_score)
 register_scorer("imagereward", _imagereward)
+
+
+def _register_builtin_plugins() -> None:
+    """The shapes-world scorers live beside the real reward models (same protocol, same registry)."""
+    from diffpo.toy.scorers import register_shapes_scorers
+
+    register_shapes_scorers()
+
+
+_register_builtin_plugins()
