@@ -3,7 +3,9 @@
 Prompts come from a tiny grammar (``grammar``), images are drawn procedurally
 (``render``), a word-level tokenizer and CLIP text config let a tiny diffusers
 pipeline train on it (``tokenizer``), and a programmatic checker judges whether
-an image matches its prompt (``checker``, ``rewards``).
+an image matches its prompt (``checker``, ``rewards``). The tokenizer lives in
+``diffpo.toy.tokenizer`` and is not re-exported here, so that importing the
+world (e.g. for its scorers) does not import transformers.
 """
 
 from diffpo.toy.checker import Detection, Segmentation, check, detect, faithfulness, segment
@@ -22,7 +24,6 @@ from diffpo.toy.grammar import (
 )
 from diffpo.toy.render import STYLES, render, render_batch
 from diffpo.toy.rewards import REWARDS
-from diffpo.toy.tokenizer import build_tokenizer, text_encoder_config
 
 __all__ = [
     "BACKGROUNDS",
@@ -39,7 +40,6 @@ __all__ = [
     "Segmentation",
     "ShapePrompt",
     "all_prompts",
-    "build_tokenizer",
     "check",
     "detect",
     "faithfulness",
@@ -47,5 +47,4 @@ __all__ = [
     "render_batch",
     "segment",
     "split_prompts",
-    "text_encoder_config",
 ]
