@@ -144,9 +144,20 @@ class LoggingConfig:
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     log_every: int = 1
     progress: bool = True
+    validation_prompts: list[str] = field(default_factory=list)
+    """Prompts sampled every ``validation_every`` steps (and at the end) with fixed seeds; the grid
+    goes to OUTPUT_DIR/samples/step-N.png and to tensorboard/wandb."""
+    validation_every: int = 0
+    """0 turns validation sampling off."""
+    validation_images_per_prompt: int = 2
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 3.0
 
     def __post_init__(self):
         _check(self.log_every > 0, "logging.log_every", "must be positive")
+        _check(self.validation_every >= 0, "logging.validation_every", "must be >= 0 (0 = off)")
+        _check(self.validation_images_per_prompt > 0, "logging.validation_images_per_prompt", "must be positive")
+        _check(not (self.validation_every and not self.validation_prompts), "logging.validation_prompts", "needed when validation_every > 0")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from diffpo.data import PairDataset, collate_pairs, load_pair_records
 from diffpo.losses import LossSpec, get_loss
 from diffpo.models import Components, Reference, add_lora, load_components, trainable_parameters
 from diffpo.objectives import noise_pairs, per_sample_error, split_pairs
+from diffpo.validation import run_validation
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +288,9 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
                     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
             progress.update(1)
             progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
+            lc = cfg.logging
+            if lc.validation_every and accelerator.is_main_process and (step % lc.validation_every == 0 or step == tc.max_steps):
+                run_validation(accelerator, components, accelerator.unwrap_model(network), lc, output_dir, step)
             if step % tc.checkpoint_every == 0 or step == tc.max_steps:
                 state = {"step": step, "skipped_steps": skipped_total, "num_processes": accelerator.num_processes, "batch_size": tc.batch_size, "loss": cfg.loss.name}
                 save_checkpoint(accelerator, output_dir, step, state, tc.checkpoints_total_limit)

@@ -222,3 +222,20 @@ def test_saved_lora_keeps_alpha_when_loaded_by_diffusers(tmp_path, pair_dir, mod
         base = StableDiffusionPipeline.from_pretrained(model_cache / "sd").unet(x, t, encoder_hidden_states=context).sample
     assert (expected - base).abs().max() > 1e-3  # the adapter matters
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_validation_samples_every_n_steps(tmp_path, pair_dir, model_cache):
+    out = tmp_path / "val"
+    cfg = make_cfg(
+        out, pair_dir, train={"max_steps": 3},
+        logging={"report_to": "tensorboard", "validation_prompts": ["a red circle on a gray background", "a blue square on a gray background"],
+                 "validation_every": 2, "validation_images_per_prompt": 2, "validation_inference_steps": 2},
+    )
+    train(cfg, cache_dir=model_cache)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-2.png", "step-3.png"]
+    from PIL import Image
+
+    grid = Image.open(out / "samples" / "step-2.png")
+    assert grid.size[0] > 2 * 32 and grid.size[1] > 2 * 32  # two rows, two columns of 32px (upscaled)
+    events = list((out / "logs").rglob("events.out.tfevents*"))
+    assert events and max(e.stat().st_size for e in events) > 2000  # the image went to tensorboard
