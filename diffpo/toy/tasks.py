@@ -53,20 +53,29 @@ def build_style_pairs(
     components, out_dir: Path, prompts: Sequence[ShapePrompt], *, per_prompt: int, style: str = "outline", severity: float = 1.0,
     seed: int = 0, sampler: Sampler = Sampler(), device: str = "cpu", progress: bool = True,
 ) -> Path:
-    """Chosen = style render, rejected = base sample; returns the manifest path."""
+    """Chosen = style renders, rejected = base samples; returns the manifest path.
+
+    Built through ``diffpo pairs from-images`` (``build_pairs_from_images``): the renders are the
+    user's "target images", so the testbed exercises the same path as a real style dataset.
+    """
+    from diffpo.data.from_images import build_pairs_from_images
+
     if style not in STYLES or style == "solid":
         raise ValueError(f"style task needs a new style: one of {[s for s in STYLES if s != 'solid']}, got {style!r}")
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    items = [(p, seed * 100_000 + i * per_prompt + j) for i, p in enumerate(prompts) for j in range(per_prompt)]
-    rejected = base_samples(components, [p for p, _ in items], [s for _, s in items], sampler, device, progress, "base samples (rejected)")
-    rows = []
-    for k, ((prompt, s), image) in enumerate(zip(items, rejected)):
-        chosen_path, rejected_path = f"images/{k:05d}_chosen.png", f"images/{k:05d}_rejected.png"
-        render(prompt, style=style, severity=severity, seed=s).save(out_dir / chosen_path)
-        image.save(out_dir / rejected_path)
-        rows.append({"prompt": prompt.text, "chosen": chosen_path, "rejected": rejected_path})
-    return write_manifest(out_dir, rows)
+    (out_dir / "chosen").mkdir(parents=True, exist_ok=True)
+    first_seed = seed * 100_000
+    items = [p for p in prompts for _ in range(per_prompt)]
+    chosen = []
+    for k, prompt in enumerate(items):
+        path = out_dir / "chosen" / f"{k:05d}.png"
+        render(prompt, style=style, severity=severity, seed=first_seed + k).save(path)
+        chosen.append(path)
+    settings = sampler.as_dict()
+    return build_pairs_from_images(
+        components, chosen, [p.text for p in items], out_dir, seed=first_seed, batch_size=settings.pop("batch_size"),
+        sampler=settings, device=device, progress=progress,
+    )
 
 
 def build_reward_pairs(

@@ -1,0 +1,44 @@
+"""``diffpo pairs from-images``: a folder of target images -> a pair dataset the trainer reads."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_from_images(args: argparse.Namespace) -> int:
+    from diffpo.config import ModelConfig
+    from diffpo.data.from_images import build_pairs_from_images, list_images, read_prompts
+    from diffpo.models import load_components
+
+    chosen = list_images(args.chosen)
+    prompts = read_prompts(args.prompts, chosen)
+    rejected_prompts = read_prompts(args.rejected_prompts, chosen) if args.rejected_prompts else None
+    components = load_components(ModelConfig(pretrained=args.base))
+    for module in (components.network, *components.frozen_modules()):
+        module.to(args.device)
+    sampler = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "resolution": args.resolution}
+    path = build_pairs_from_images(
+        components, chosen, prompts, args.out, seed=args.seed, rejected_prompts=rejected_prompts,
+        sampler=sampler, batch_size=args.batch_size, device=args.device,
+    )
+    print(f"{len(chosen)} pairs written to {path}; train with: diffpo train --config FILE data.source={path}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    pairs = sub.add_parser("pairs", help="build preference pair datasets")
+    pairs_sub = pairs.add_subparsers(dest="pairs_command", required=True)
+    p = pairs_sub.add_parser("from-images", help="chosen = your images, rejected = the base model's generations of the same prompts")
+    p.add_argument("--chosen", required=True, type=Path, help="folder of target images (style, subject, safe content)")
+    p.add_argument("--prompts", required=True, help="'captions' (sidecar .txt per image), a .jsonl (file, prompt) or a text file (one prompt per image, or one for all)")
+    p.add_argument("--rejected-prompts", default=None, help="prompts for the rejected generations (default: --prompts), e.g. the class prompt for personalization")
+    p.add_argument("--base", required=True, help="base model: hub id, local folder, toy:base or tiny:sd")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_from_images)
