@@ -274,3 +274,6 @@ class Reference:
 
 def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
     return [p for p in network.parameters() if p.requires_grad]
+
+
+from diffpo import families as _families  # noqa: E402,F401  (registers sdxl, sd3, flux)
