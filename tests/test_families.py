@@ -176,3 +176,12 @@ def test_sd2_v_prediction_trains_against_the_velocity(tmp_path, pair_dir, model_
 
 def test_families_are_registered():
     assert {"sd", "sdxl", "sd3", "flux"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", ["sdxl_mapo_pickapic", "sdxl_mapo_pickapic_lora", "sd15_dpo", "sd15_dmpo", "sd35m_mapo_lora"])
+def test_shipped_configs_name_a_registered_family(name):
+    from diffpo.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.model.family in FAMILIES
+    assert cfg.data.source == "yuvalkirstain/pickapic_v2" and cfg.data.ties == "drop"
