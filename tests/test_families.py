@@ -185,3 +185,26 @@ def test_shipped_configs_name_a_registered_family(name):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     assert cfg.model.family in FAMILIES
     assert cfg.data.source == "yuvalkirstain/pickapic_v2" and cfg.data.ties == "drop"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_prompt_encoding_matches_the_pipeline(family, model_cache):
+    import diffusers
+
+    components = load_components(ModelConfig(pretrained=f"tiny:{family}"), cache_dir=model_cache)
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(model_cache / family)
+    prompts = ["a red circle on a gray background", "a blue square"]
+    with torch.no_grad():
+        ours = components.family.encode_prompts(components, prompts)
+        if family == "sdxl":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+            theirs = {"encoder_hidden_states": embeds, "text_embeds": pooled}
+        elif family == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=16)
+            theirs = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        else:
+            embeds, pooled, _ = pipe.encode_prompt(prompts, max_sequence_length=16)
+            theirs = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key])
