@@ -8,10 +8,8 @@ model that will not load) print one clear line and exit 2, never a deep stack tr
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
-from pathlib import Path
 
 from diffpo.config import ConfigError, load_config
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffpo.config import LoggingConfig
 from diffpo.models import Components
@@ -19,7 +20,7 @@ from diffpo.models import Components
 logger = logging.getLogger(__name__)
 
 
-def validation_grid(components: Components, network: torch.nn.Module, cfg: LoggingConfig, device) -> "Image":
+def validation_grid(components: Components, network: torch.nn.Module, cfg: LoggingConfig, device) -> Image.Image:
     from diffpo.evaluate.grid import image_grid
     from diffpo.sampling import generate
 

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_shape_pairs
 import torch
-from PIL import Image, ImageDraw
+
 
 from diffpo.config import ModelConfig, config_from_dict
 from diffpo.models import FAMILIES, detect_family, load_components
@@ -19,20 +20,7 @@ PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeli
 
 @pytest.fixture(scope="module")
 def pair_dir(tmp_path_factory):
-    """4 pairs: chosen = a bright disc, rejected = a dark square, on grey."""
-    root = tmp_path_factory.mktemp("pairs")
-    lines = []
-    for i in range(4):
-        w = Image.new("RGB", (32, 32), (128, 128, 128))
-        ImageDraw.Draw(w).ellipse((6 + i % 3, 6, 24 + i % 3, 24), fill=(250, 200 - 10 * i, 40))
-        l = Image.new("RGB", (32, 32), (128, 128, 128))
-        ImageDraw.Draw(l).rectangle((8, 8 + i % 2, 22, 22 + i % 2), fill=(20, 30, 60 + 10 * i))
-        w.save(root / f"w{i}.png")
-        l.save(root / f"l{i}.png")
-        prompt = "a red circle on a gray background" if i % 2 else "a blue square on a gray background"
-        lines.append(json.dumps({"prompt": prompt, "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
-    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return write_shape_pairs(tmp_path_factory.mktemp("pairs"), 4)
 
 
 @pytest.fixture(scope="module")

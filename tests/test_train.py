@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_shape_pairs
 import torch
-from PIL import Image, ImageDraw
+
 
 from diffpo import losses as losses_module
 from diffpo.checkpoint import list_checkpoints
@@ -16,19 +17,7 @@ from diffpo.train import TrainingError, train
 
 @pytest.fixture(scope="module")
 def pair_dir(tmp_path_factory):
-    """8 pairs: chosen = a bright disc, rejected = a dark square, on grey."""
-    root = tmp_path_factory.mktemp("pairs")
-    lines = []
-    for i in range(8):
-        w = Image.new("RGB", (32, 32), (128, 128, 128))
-        ImageDraw.Draw(w).ellipse((6 + i % 3, 6, 24 + i % 3, 24), fill=(250, 200 - 10 * i, 40))
-        l = Image.new("RGB", (32, 32), (128, 128, 128))
-        ImageDraw.Draw(l).rectangle((8, 8 + i % 2, 22, 22 + i % 2), fill=(20, 30, 60 + 10 * i))
-        w.save(root / f"w{i}.png")
-        l.save(root / f"l{i}.png")
-        lines.append(json.dumps({"prompt": f"a red circle on a gray background" if i % 2 else "a blue square on a gray background", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
-    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return write_shape_pairs(tmp_path_factory.mktemp("pairs"), 8)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +91,6 @@ def test_lora_changes_only_adapters(tmp_path, pair_dir, model_cache):
     lora_keys = [k for k in state if "lora" in k]
     base_keys = [k for k in state if "lora" not in k]
     assert lora_keys and base_keys
-    # LoRA B matrices start at gaussian init (not zero in peft 'gaussian'); they must have moved:
-    from peft import LoraConfig  # noqa: F401  (peft must be importable)
     base_state = base.state_dict()
     for key in base_keys:  # frozen base weights are bit-identical after training
         name = key.replace(".base_layer", "")

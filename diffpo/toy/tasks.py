@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from diffpo.data import write_manifest
+
 from diffpo.toy.grammar import SHAPES, ShapePrompt, all_prompts, split_prompts
 from diffpo.toy.render import STYLES, render
 from diffpo.toy.rewards import REWARDS
