@@ -83,9 +83,14 @@ class DataConfig:
     """Stop before training on the first bad row instead of skipping it with a warning."""
     max_pairs: int | None = None
     num_workers: int = 0
+    cache: str | None = None
+    """A latent cache folder written by ``diffpo cache`` (VAE latents and text embeddings of these
+    pairs). Training then reads it instead of encoding, and never loads the VAE or text encoders;
+    the cache must have been built with this model, resolution, crop and latent sampling."""
 
     def __post_init__(self):
         _check(self.resolution >= 8, "data.resolution", f"must be >= 8, got {self.resolution}")
+        _check(self.cache is None or bool(self.cache.strip()), "data.cache", "must be a folder or null")
         _check(self.max_pairs is None or self.max_pairs > 0, "data.max_pairs", "must be positive")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
 

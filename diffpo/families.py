@@ -77,6 +77,10 @@ class _LatentFamily(Family):
         _upcast_vae_if_needed(components.vae)
         return super().encode_images(components, pixels, sample=sample, generator=generator)
 
+    def encode_image_moments(self, components: Components, pixels: Tensor):
+        _upcast_vae_if_needed(components.vae)
+        return super().encode_image_moments(components, pixels)
+
 
 @register_family
 class SDXLFamily(_LatentFamily):
@@ -88,12 +92,18 @@ class SDXLFamily(_LatentFamily):
     def __init__(self, vae_path: str | None = None):
         self.vae_path = vae_path
 
-    def load(self, path: str, cfg: ModelConfig) -> Components:
+    def load(self, path: str, cfg: ModelConfig, encoders: bool = True) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         kw = {"revision": cfg.revision}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=cfg.variant, **kw)
+        # Training noise schedule: DDPM over the model's betas (train_text_to_image_sdxl.py).
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        if not encoders:  # time ids still need the VAE's downsampling factor: read its config only
+            vae_config = AutoencoderKL.load_config(self.vae_path) if self.vae_path else AutoencoderKL.load_config(path, subfolder="vae", **kw)
+            factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+            return Components(self, unet, scheduler, [], [], source=path, extras={"vae_scale_factor": factor})
         if self.vae_path:
             vae = AutoencoderKL.from_pretrained(self.vae_path)
         else:
@@ -102,8 +112,6 @@ class SDXLFamily(_LatentFamily):
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=cfg.variant, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
-        # Training noise schedule: DDPM over the model's betas (train_text_to_image_sdxl.py).
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         return Components(self, unet, scheduler, [text_encoder, text_encoder_2], [tokenizer, tokenizer_2], vae=vae, source=path)
 
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:
@@ -113,7 +121,8 @@ class SDXLFamily(_LatentFamily):
         return {"encoder_hidden_states": torch.cat([hidden_1, hidden_2], dim=-1), "text_embeds": pooled}
 
     def time_ids(self, components: Components, latents: Tensor) -> Tensor:
-        height, width = (s * _vae_scale_factor(components.vae) for s in latents.shape[-2:])
+        factor = components.extras.get("vae_scale_factor") or _vae_scale_factor(components.vae)
+        height, width = (s * factor for s in latents.shape[-2:])
         ids = torch.tensor([height, width, 0, 0, height, width], dtype=latents.dtype, device=latents.device)
         return ids[None].repeat(latents.shape[0], 1)
 
@@ -144,19 +153,21 @@ class SD3Family(_LatentFamily):
     max_sequence_length = 77
     """T5 tokens (train_dreambooth_lora_sd3.py's default; the pipeline samples with 256)."""
 
-    def load(self, path: str, cfg: ModelConfig) -> Components:
+    def load(self, path: str, cfg: ModelConfig, encoders: bool = True) -> Components:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
         kw = {"revision": cfg.revision}
         transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", variant=cfg.variant, **kw)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        if not encoders:
+            return Components(self, transformer, scheduler, [], [], source=path)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
         encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=f, variant=cfg.variant, **kw) for f in ("text_encoder", "text_encoder_2")]
         tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f, **kw) for f in ("tokenizer", "tokenizer_2")]
         if _has_component(path, "text_encoder_3"):  # SD3 may ship without T5: zeros then, as the pipeline does
             encoders.append(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", variant=cfg.variant, **kw))
             tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw))
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         return Components(self, transformer, scheduler, encoders, tokenizers, vae=vae, source=path)
 
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:
@@ -213,17 +224,19 @@ class FluxFamily(_LatentFamily):
     """T5 tokens (train_dreambooth_lora_flux.py's default; use 256 for FLUX.1-schnell)."""
     guidance_scale = 3.5
 
-    def load(self, path: str, cfg: ModelConfig) -> Components:
+    def load(self, path: str, cfg: ModelConfig, encoders: bool = True) -> Components:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         kw = {"revision": cfg.revision}
         transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", variant=cfg.variant, **kw)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        if not encoders:
+            return Components(self, transformer, scheduler, [], [], source=path)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
         clip = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=cfg.variant, **kw)
         t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", variant=cfg.variant, **kw)
         tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f, **kw) for f in ("tokenizer", "tokenizer_2")]
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         return Components(self, transformer, scheduler, [clip, t5], tokenizers, vae=vae, source=path)
 
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:

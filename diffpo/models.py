@@ -66,7 +66,8 @@ class Family:
         return getattr(diffusers, self.pipeline_class_name)
 
     # --- loading -------------------------------------------------------------------------------
-    def load(self, path: str, cfg: ModelConfig) -> Components:  # pragma: no cover - abstract
+    def load(self, path: str, cfg: ModelConfig, encoders: bool = True) -> Components:  # pragma: no cover - abstract
+        """``encoders=False``: only the network and scheduler (training from a latent cache)."""
         raise NotImplementedError
 
     # --- training-time computation ---------------------------------------------------------------
@@ -82,6 +83,16 @@ class Family:
         latents = dist.sample(generator=generator) if sample else dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
+
+    def encode_image_moments(self, components: Components, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Scaled latent mode and standard deviation (None without a VAE), what the latent cache
+        stores: ``mode + std * randn`` is the posterior sample ``encode_images`` would draw."""
+        vae = components.vae
+        if vae is None:
+            return pixels, None
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (dist.mode() - shift) * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
 
     def predict(self, components: Components, network: nn.Module, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError  # pragma: no cover
@@ -122,18 +133,20 @@ class StableDiffusionFamily(Family):
     name = "sd"
     pipeline_class_name = "StableDiffusionPipeline"
 
-    def load(self, path: str, cfg: ModelConfig) -> Components:
+    def load(self, path: str, cfg: ModelConfig, encoders: bool = True) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
         kw = {"revision": cfg.revision}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=cfg.variant, **kw)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        if not encoders:
+            return Components(self, unet, scheduler, [], [], source=path)
         vae = None
         if _has_component(path, "vae"):
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=cfg.variant, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         return Components(self, unet, scheduler, [text_encoder], [tokenizer], vae=vae, source=path)
 
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:
@@ -223,14 +236,22 @@ def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
     return str(build_tiny(name, cache_dir / name))
 
 
-def load_components(cfg: ModelConfig, cache_dir: Path | None = None) -> Components:
+def resolve_family(cfg: ModelConfig, cache_dir: Path | None = None) -> tuple[str, str]:
+    """(local folder or hub id, family name) of ``cfg.pretrained``."""
     path = resolve_pretrained(cfg.pretrained, cache_dir)
     family_name = detect_family(path) if cfg.family == "auto" else cfg.family
     if family_name not in FAMILIES:
         raise ModelLoadError(f"unknown model family '{family_name}' (valid: {', '.join(FAMILIES)})")
+    return path, family_name
+
+
+def load_components(cfg: ModelConfig, cache_dir: Path | None = None, with_encoders: bool = True) -> Components:
+    """``with_encoders=False`` loads only the network and scheduler: no VAE, no text encoders
+    (training from a latent cache, ``diffpo.cache``)."""
+    path, family_name = resolve_family(cfg, cache_dir)
     family = FAMILIES[family_name]()
     try:
-        components = family.load(path, cfg)
+        components = family.load(path, cfg, encoders=with_encoders)
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelLoadError(f"cannot load '{cfg.pretrained}' as family '{family_name}': {err}") from err
     for module in components.frozen_modules():

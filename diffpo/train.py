@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from diffpo.cache import CachedPairDataset, cached_latents, check_meta, collate_cached
 from diffpo.checkpoint import list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
 from diffpo.losses import LossSpec, get_loss
-from diffpo.models import Components, Reference, add_lora, load_components, trainable_parameters
+from diffpo.models import Components, Reference, add_lora, load_components, resolve_family, trainable_parameters
 from diffpo.objectives import noise_pairs, per_sample_error, split_pairs
 from diffpo.validation import run_validation
 
@@ -86,12 +87,18 @@ def pair_errors(
     """Per-sample errors of the trained network (and of the reference when given) on one batch.
 
     One forward pass over the 2B inputs [winners; losers] with shared noise and timestep per pair.
+    A batch from a latent cache (``diffpo.cache``) brings its latents and conditioning along.
     """
     family = components.family
     with torch.no_grad():
-        cond = family.encode_prompts(components, batch["prompts"])
-        latents_w = family.encode_images(components, batch["pixels_w"], sample=sample_latents, generator=generator)
-        latents_l = family.encode_images(components, batch["pixels_l"], sample=sample_latents, generator=generator)
+        if "cond" in batch:
+            cond = batch["cond"]
+            latents_w = cached_latents(batch, "w", sample_latents, generator)
+            latents_l = cached_latents(batch, "l", sample_latents, generator)
+        else:
+            cond = family.encode_prompts(components, batch["prompts"])
+            latents_w = family.encode_images(components, batch["pixels_w"], sample=sample_latents, generator=generator)
+            latents_l = family.encode_images(components, batch["pixels_l"], sample=sample_latents, generator=generator)
     noised = noise_pairs(components.scheduler, latents_w.float(), latents_l.float(), generator)
     cond = {k: torch.cat([v, v]) for k, v in cond.items()}
     prediction = family.predict(components, network, noised.noisy, noised.timesteps, cond)
@@ -171,7 +178,11 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     if len(records) < global_batch:
         raise TrainingError(f"{cfg.data.source}: {len(records)} usable pairs, fewer than one global batch ({global_batch})")
 
-    components = load_components(cfg.model, cache_dir=cache_dir)
+    # With a latent cache the VAE and text encoders are not loaded (validation sampling needs them).
+    cache_meta = None
+    if cfg.data.cache:
+        cache_meta = check_meta(cfg.data.cache, cfg, resolve_family(cfg.model, cache_dir)[1], records)
+    components = load_components(cfg.model, cache_dir=cache_dir, with_encoders=cache_meta is None or cfg.logging.validation_every > 0)
     network = components.network
     use_lora = cfg.model.lora.enabled
     set_seed(cfg.seed)  # adapter init must not depend on what loading consumed from the RNG
@@ -199,9 +210,12 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         num_warmup_steps=tc.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=tc.max_steps * accelerator.num_processes,
     )
-    dataset = PairDataset(records, cfg.data.resolution, center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip, seed=cfg.seed)
+    if cache_meta is not None:
+        dataset, collate = CachedPairDataset(cfg.data.cache, cache_meta, random_flip=cfg.data.random_flip, seed=cfg.seed), collate_cached
+    else:
+        dataset, collate = PairDataset(records, cfg.data.resolution, center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip, seed=cfg.seed), collate_pairs
     sampler = EpochSampler(len(dataset), cfg.seed)
-    dataloader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate_pairs, num_workers=cfg.data.num_workers, drop_last=True)
+    dataloader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=True)
     network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
 
     # Resume: restore model/optimizer/scheduler/RNG, then skip the micro-batches already seen.
@@ -309,6 +323,8 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         if use_lora:
             components.family.save_lora(unwrapped, tmp)
         else:
+            if not components.text_encoders:  # trained from a cache: the saved pipeline needs them
+                components = load_components(cfg.model, cache_dir=cache_dir)
             components.family.save_full(components, unwrapped.to(torch.float32), tmp)
         publish_dir(tmp, final_dir)
     accelerator.end_training()
