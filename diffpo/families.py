@@ -41,7 +41,6 @@ float32 on first use and encodes in float32, as diffusers' SDXL script does.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
