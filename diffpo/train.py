@@ -222,11 +222,15 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     step, skipped_total = 0, 0
     resume_from = resolve_resume(tc.resume, output_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
         state = read_state(resume_from)
+        saved_batch = state.get("num_processes", 1) * state.get("batch_size", tc.batch_size)
+        if saved_batch != global_batch:  # checked before loading: the data position would be wrong
+            raise TrainingError(
+                f"cannot resume {resume_from}: it used a global batch of {saved_batch} pairs, this run {global_batch}; "
+                f"keep train.batch_size x processes equal to resume"
+            )
+        accelerator.load_state(str(resume_from))
         step, skipped_total = state["step"], state["skipped_steps"]
-        if state.get("num_processes", 1) * state.get("batch_size", tc.batch_size) != global_batch:
-            raise TrainingError(f"cannot resume {resume_from}: it used a global batch of {state['num_processes'] * state['batch_size']}, this run {global_batch}")
         logger.info("resumed from %s at step %d", resume_from, step)
     elif tc.resume == "latest":
         logger.info("train.resume=latest: no checkpoint in %s, starting fresh", output_dir)

@@ -226,3 +226,10 @@ def test_validation_samples_every_n_steps(tmp_path, pair_dir, model_cache):
     assert grid.size[0] > 2 * 32 and grid.size[1] > 2 * 32  # two rows, two columns of 32px (upscaled)
     events = list((out / "logs").rglob("events.out.tfevents*"))
     assert events and max(e.stat().st_size for e in events) > 2000  # the image went to tensorboard
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path, pair_dir, model_cache):
+    out = tmp_path / "gb"
+    train(make_cfg(out, pair_dir, train={"max_steps": 1, "checkpoint_every": 1}), cache_dir=model_cache)
+    with pytest.raises(TrainingError, match="global batch of 2 pairs, this run 4"):
+        train(make_cfg(out, pair_dir, train={"max_steps": 2, "batch_size": 4, "resume": "latest"}), cache_dir=model_cache)
