@@ -20,3 +20,25 @@ def write_shape_pairs(root: Path, n: int) -> Path:
         lines.append(json.dumps({"prompt": prompt, "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
     (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+def tiny_run_config(out: Path, data: Path, *, pretrained: str = "tiny:sd", **sections):
+    """A 2-step LoRA MaPO run on a tiny model; ``sections`` update the defaults section by section."""
+    from diffpo.config import config_from_dict
+
+    base = {
+        "output_dir": str(out),
+        "seed": 3,
+        "model": {"pretrained": pretrained, "lora": {"enabled": True, "rank": 4}},
+        "data": {"source": str(data), "resolution": 32},
+        "loss": {"name": "mapo"},
+        "train": {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "checkpoint_every": 2},
+        "logging": {"report_to": "none", "progress": False},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(base)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -2,20 +2,22 @@
 two LoRA steps through the trainer, the LoRA round trip into the matching diffusers pipeline, a
 full fine-tune for SDXL, and the conditioning each family builds."""
 
-import json
 from pathlib import Path
 
 import pytest
-from conftest import write_shape_pairs
 import torch
+from conftest import read_metrics, tiny_run_config, write_shape_pairs
 
-
-from diffpo.config import ModelConfig, config_from_dict
+from diffpo.config import ModelConfig
 from diffpo.models import FAMILIES, detect_family, load_components
 from diffpo.objectives import is_flow_matching
 from diffpo.train import train
 
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def make_cfg(out: Path, data: Path, family: str, **sections):
+    return tiny_run_config(out, data, pretrained=f"tiny:{family}", **sections)
 
 
 @pytest.fixture(scope="module")
@@ -26,25 +28,6 @@ def pair_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-models")
-
-
-def make_cfg(out: Path, data: Path, family: str, **sections):
-    base = {
-        "output_dir": str(out),
-        "seed": 3,
-        "model": {"pretrained": f"tiny:{family}", "family": "auto", "lora": {"enabled": True, "rank": 4}},
-        "data": {"source": str(data), "resolution": 32},
-        "loss": {"name": "mapo"},
-        "train": {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "checkpoint_every": 2},
-        "logging": {"report_to": "none", "progress": False},
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return config_from_dict(base)
-
-
-def read_metrics(out: Path):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def check_metrics(out: Path, with_reference: bool):

@@ -1,17 +1,14 @@
 """The trainer end to end on a tiny in-process SD model: every objective, LoRA and full fine-tuning,
 checkpoints, exact resume, non-finite handling and the diffusers round trip of the result."""
 
-import json
 from pathlib import Path
 
 import pytest
-from conftest import write_shape_pairs
 import torch
-
+from conftest import read_metrics, tiny_run_config as make_cfg, write_shape_pairs
 
 from diffpo import losses as losses_module
 from diffpo.checkpoint import list_checkpoints
-from diffpo.config import config_from_dict
 from diffpo.train import TrainingError, train
 
 
@@ -23,25 +20,6 @@ def pair_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-models")
-
-
-def make_cfg(out: Path, data: Path, **sections):
-    base = {
-        "output_dir": str(out),
-        "seed": 3,
-        "model": {"pretrained": "tiny:sd", "lora": {"enabled": True, "rank": 4}},
-        "data": {"source": str(data), "resolution": 32},
-        "loss": {"name": "mapo"},
-        "train": {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "checkpoint_every": 2},
-        "logging": {"report_to": "none", "progress": False},
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return config_from_dict(base)
-
-
-def read_metrics(out: Path):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def lora_and_base_params(out_dir, cache):
