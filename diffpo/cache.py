@@ -265,16 +265,6 @@ def collate_cached(items: list[dict]) -> dict:
     return batch
 
 
-def cached_latents(batch: dict, side: str, sample: bool, generator: torch.Generator) -> torch.Tensor:
-    """The cached mode, or ``mode + std * randn`` (what the VAE posterior's ``sample`` draws)."""
-    mode = batch[f"latents_{side}"].float()
-    std = batch.get(f"std_{side}")
-    if not sample or std is None:
-        return mode
-    noise = torch.randn(mode.shape, generator=generator, dtype=torch.float32)
-    return mode + std.float() * noise.to(mode.device)
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------

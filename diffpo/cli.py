@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from diffpo.config import ConfigError, load_config
@@ -42,10 +43,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune with a preference objective: ``diffpo train --config FILE.yaml [key=value ...]``."""
     from diffpo.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # validate before launching anything
+    if args.num_processes > 1:
+        return _relaunch_with_accelerate(args)
     result = train(cfg)
     print(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {result.seconds:.1f}s; weights in {result.final_dir}")
     return 0
+
+
+def _relaunch_with_accelerate(args: argparse.Namespace) -> int:
+    """``--num-processes N``: the same command under ``accelerate launch`` (data parallel, one
+    process per GPU; gloo on CPUs when there is no GPU)."""
+    import subprocess
+
+    import torch
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.num_processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = dict(os.environ)
+    if torch.cuda.device_count() < args.num_processes:
+        # accelerate's --cpu runs a single process unless under MPI; torchrun processes with
+        # ACCELERATE_USE_CPU form a gloo process group instead.
+        env["ACCELERATE_USE_CPU"] = "true"
+    command = ["-m", "diffpo", "train", *(["--config", args.config] if args.config else []), *args.overrides]
+    return subprocess.call(launch + command, env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model on preference pairs")
     p.add_argument("--config", required=False, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dmpo train.max_steps=3")
+    p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (shortcut for accelerate launch)")
     p.set_defaults(func=cmd_train)
 
     for register in _EXTRA_COMMANDS:

@@ -4,8 +4,8 @@ Read it top to bottom: ``train`` sets things up, ``pair_errors`` is the one plac
 runs, and the loop is flat. Any registered objective trains without changes here: the loss spec
 says whether the reference model is needed, and its ``metrics`` are logged as they come.
 
-Reproducibility: noise, timesteps and VAE posterior samples come from a CPU generator seeded by
-(seed, micro-step, rank), crops/flips by (seed, epoch, index), and data order by (seed, epoch); with
+Reproducibility: noise, timesteps and VAE posterior samples come from CPU generators seeded by
+(seed, optimizer step, the pair's place among the step's pairs), crops/flips by (seed, epoch, index), and data order by (seed, epoch); with
 the optimizer/scheduler/RNG state restored by accelerate, a resumed run repeats an uninterrupted
 one exactly.
 """
@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from diffpo.cache import CachedPairDataset, cached_latents, check_meta, collate_cached
+from diffpo.cache import CachedPairDataset, check_meta, collate_cached
 from diffpo.checkpoint import list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
 from diffpo.losses import LossSpec, get_loss
 from diffpo.models import Components, Reference, add_lora, load_components, resolve_family, trainable_parameters
-from diffpo.objectives import noise_pairs, per_sample_error, split_pairs
+from diffpo.objectives import noise_pairs, per_sample_error, sample_latents, split_pairs
 from diffpo.validation import run_validation
 
 logger = logging.getLogger(__name__)
@@ -69,19 +69,21 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
-def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    """Independent CPU generator per (seed, micro-step, rank)."""
-    state = np.random.SeedSequence([seed, micro_step, rank]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+def pair_generators(seed: int, step: int, first_pair: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per pair, seeded by (seed, optimizer step, the pair's place among the
+    step's pairs). A pair's noise, timestep and VAE sample then do not depend on how the step's
+    pairs are split over processes and accumulation micro-steps."""
+    states = [np.random.SeedSequence([seed, step, first_pair + i]).generate_state(1, dtype=np.uint64)[0] for i in range(count)]
+    return [torch.Generator().manual_seed(int(state)) for state in states]
 
 
 def pair_errors(
     components: Components,
     network: torch.nn.Module,
     batch: dict,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     reference: Reference | None,
-    sample_latents: bool,
+    sample_vae: bool,
     autocast,
 ) -> dict[str, torch.Tensor]:
     """Per-sample errors of the trained network (and of the reference when given) on one batch.
@@ -91,15 +93,16 @@ def pair_errors(
     """
     family = components.family
     with torch.no_grad():
-        if "cond" in batch:
+        if "cond" in batch:  # from the latent cache
             cond = batch["cond"]
-            latents_w = cached_latents(batch, "w", sample_latents, generator)
-            latents_l = cached_latents(batch, "l", sample_latents, generator)
+            moments = {side: (batch[f"latents_{side}"], batch.get(f"std_{side}")) for side in "wl"}
         else:
             cond = family.encode_prompts(components, batch["prompts"])
-            latents_w = family.encode_images(components, batch["pixels_w"], sample=sample_latents, generator=generator)
-            latents_l = family.encode_images(components, batch["pixels_l"], sample=sample_latents, generator=generator)
-    noised = noise_pairs(components.scheduler, latents_w.float(), latents_l.float(), generator)
+            moments = {side: family.encode_image_moments(components, batch[f"pixels_{side}"]) for side in "wl"}
+        draw = generators if sample_vae else None  # posterior sample, or its mode
+        latents_w = sample_latents(*moments["w"], draw)
+        latents_l = sample_latents(*moments["l"], draw)
+    noised = noise_pairs(components.scheduler, latents_w, latents_l, generators)
     cond = {k: torch.cat([v, v]) for k, v in cond.items()}
     prediction = family.predict(components, network, noised.noisy, noised.timesteps, cond)
     err_w, err_l = split_pairs(per_sample_error(prediction, noised.target))
@@ -109,6 +112,15 @@ def pair_errors(
             ref_prediction = family.predict(components, ref_net, noised.noisy, noised.timesteps, cond)
         out["ref_w"], out["ref_l"] = split_pairs(per_sample_error(ref_prediction, noised.target))
     return out
+
+
+def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Average logged metrics over processes (equal batch sizes: the global-batch means)."""
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device), reduction="mean")
+    return dict(zip(keys, values.tolist()))
 
 
 def _unwrap(network):
@@ -250,7 +262,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     epoch, skip = divmod(micro_step, micro_per_epoch)
     progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.loss.name}", disable=not (cfg.logging.progress and accelerator.is_local_main_process))
     nonfinite_in_row, window_ok, window = 0, True, []
-    sample_latents = cfg.model.latent_sampling == "sample"
+    sample_vae = cfg.model.latent_sampling == "sample"
 
     step_started = time.perf_counter()
     while step < tc.max_steps:
@@ -258,16 +270,20 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         dataset.begin_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         for batch in batches:
-            generator = step_generator(cfg.seed, micro_step, accelerator.process_index)
+            # A pair's draws are keyed by (optimizer step, its place among all pairs of the step), so
+            # processes x batch x accumulation can be traded against each other at equal results.
+            opt_step, window_index = divmod(micro_step, tc.gradient_accumulation_steps)
+            first_pair = window_index * global_batch + accelerator.process_index * tc.batch_size
+            generators = pair_generators(cfg.seed, opt_step, first_pair, tc.batch_size)
             micro_step += 1
             with accelerator.accumulate(network):
-                errors = pair_errors(components, network, batch, generator, reference, sample_latents, accelerator.autocast)
+                errors = pair_errors(components, network, batch, generators, reference, sample_vae, accelerator.autocast)
                 loss = spec(**errors, **hparams).mean()
                 # Every rank must agree on skipping, or DDP would wait forever for a backward.
                 finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
                 if finite:
                     accelerator.backward(loss)
-                    window.append({"loss": loss.item(), **spec.metrics(**errors, **hparams)})
+                    window.append(_mean_over_processes(accelerator, {"loss": loss.item(), **spec.metrics(**errors, **hparams)}))
                 window_ok &= finite
                 grad_norm = None
                 if accelerator.sync_gradients and window_ok:
