@@ -43,3 +43,12 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, monkeypatch
     acc, two = losses(tmp_path / "acc"), losses(tmp_path / "two")
     assert len(acc) == len(two) == 3
     assert two == pytest.approx(acc, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_shipped_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cfg.num_processes == 8 and cfg.mixed_precision == "bf16"
+    assert cfg.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[name]
