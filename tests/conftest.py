@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image, ImageDraw
 
 
@@ -42,3 +43,15 @@ def tiny_run_config(out: Path, data: Path, *, pretrained: str = "tiny:sd", **sec
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory):
+    """4 shape pairs on disk (a test module may override it with its own size)."""
+    return write_shape_pairs(tmp_path_factory.mktemp("pairs"), 4)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """Where ``tiny:<name>`` models are built once per test session."""
+    return tmp_path_factory.mktemp("tiny-models")

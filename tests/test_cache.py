@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_shape_pairs
 
 from diffpo import cache as cache_module
 from diffpo.cache import CacheError, build_cache
@@ -15,16 +14,6 @@ from diffpo.config import config_from_dict
 from diffpo.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pair_dir(tmp_path_factory):
-    return write_shape_pairs(tmp_path_factory.mktemp("pairs"), 4)
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-models")
 
 
 def make_cfg(out, data, *, sampling="mode", flip=False, cache=None, **data_extra):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_run_config, write_shape_pairs
+from conftest import read_metrics, tiny_run_config
 
 from diffpo.config import ModelConfig
 from diffpo.models import FAMILIES, detect_family, load_components
@@ -18,16 +18,6 @@ PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeli
 
 def make_cfg(out: Path, data: Path, family: str, **sections):
     return tiny_run_config(out, data, pretrained=f"tiny:{family}", **sections)
-
-
-@pytest.fixture(scope="module")
-def pair_dir(tmp_path_factory):
-    return write_shape_pairs(tmp_path_factory.mktemp("pairs"), 4)
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-models")
 
 
 def check_metrics(out: Path, with_reference: bool):

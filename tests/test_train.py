@@ -13,13 +13,8 @@ from diffpo.train import TrainingError, train
 
 
 @pytest.fixture(scope="module")
-def pair_dir(tmp_path_factory):
+def pair_dir(tmp_path_factory):  # 8 pairs here (conftest's default is 4)
     return write_shape_pairs(tmp_path_factory.mktemp("pairs"), 8)
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-models")
 
 
 def lora_and_base_params(out_dir, cache):
