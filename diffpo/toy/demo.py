@@ -46,7 +46,7 @@ class DemoSettings:
     loss: str = "mapo"
     loss_hparams: dict[str, float] = field(default_factory=dict)
     pairs_per_prompt: int = 4
-    steps: int = 150
+    steps: int = 60
     batch_size: int = 16
     learning_rate: float = 1e-4
     lora_rank: int = 0
