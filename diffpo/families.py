@@ -72,10 +72,6 @@ def _upcast_vae_if_needed(vae) -> None:
 
 
 class _LatentFamily(Family):
-    def encode_images(self, components: Components, pixels: Tensor, *, sample: bool, generator=None) -> Tensor:
-        _upcast_vae_if_needed(components.vae)
-        return super().encode_images(components, pixels, sample=sample, generator=generator)
-
     def encode_image_moments(self, components: Components, pixels: Tensor):
         _upcast_vae_if_needed(components.vae)
         return super().encode_image_moments(components, pixels)

@@ -2,7 +2,7 @@
 
 A *family* adapter hides what differs between model families (text encoders, extra
 conditioning, latent scaling, which pipeline class loads the result); the trainer only sees
-``Components`` and the four family methods ``encode_prompts``, ``encode_images``, ``predict`` and
+``Components`` and the four family methods ``encode_prompts``, ``encode_image_moments``, ``predict`` and
 ``save``. This file holds the Stable Diffusion 1.x/2.x family, which also covers pixel-space
 models (no VAE: the shapes world). Other families register themselves in ``FAMILIES``.
 
@@ -74,19 +74,10 @@ class Family:
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:
         raise NotImplementedError  # pragma: no cover
 
-    def encode_images(self, components: Components, pixels: Tensor, *, sample: bool, generator=None) -> Tensor:
-        """Pixels in [-1, 1] -> the network's input space (scaled VAE latents, or pixels)."""
-        vae = components.vae
-        if vae is None:
-            return pixels
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator) if sample else dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
-
     def encode_image_moments(self, components: Components, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Scaled latent mode and standard deviation (None without a VAE), what the latent cache
-        stores: ``mode + std * randn`` is the posterior sample ``encode_images`` would draw."""
+        """Pixels in [-1, 1] -> the scaled latent mode and standard deviation (pixels and None
+        without a VAE). Training draws ``mode + std * randn`` per pair (``objectives.sample_latents``),
+        the latent cache stores both."""
         vae = components.vae
         if vae is None:
             return pixels, None

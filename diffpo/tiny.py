@@ -55,21 +55,11 @@ def tiny_unet(in_channels: int, sample_size: int, cross_attention_dim: int = 32,
 @_tiny("sd")
 def build_tiny_sd():
     """A Stable-Diffusion-shaped pipeline: 32px images, a 2x VAE (16x16x4 latents), a tiny UNet."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(0)
     tokenizer, text_encoder = _text_parts()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = _tiny_vae()
     unet = tiny_unet(in_channels=4, sample_size=16)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     return StableDiffusionPipeline(

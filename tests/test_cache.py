@@ -52,7 +52,7 @@ def forbid_encoders(monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "from_pretrained", boom)
     monkeypatch.setattr(CLIPTextModel, "from_pretrained", boom)
     monkeypatch.setattr(StableDiffusionFamily, "encode_prompts", boom)
-    monkeypatch.setattr(StableDiffusionFamily, "encode_images", boom)
+    monkeypatch.setattr(StableDiffusionFamily, "encode_image_moments", boom)
 
 
 def test_cached_training_matches_images_and_skips_encoders(tmp_path, pair_dir, model_cache, flip_cache, monkeypatch):
