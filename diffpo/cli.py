@@ -47,7 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.num_processes > 1:
         return _relaunch_with_accelerate(args)
     result = train(cfg)
-    print(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {result.seconds:.1f}s; weights in {result.final_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per process
+        print(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {result.seconds:.1f}s; weights in {result.final_dir}")
     return 0
 
 

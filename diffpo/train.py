@@ -29,6 +29,7 @@ from diffpo.cache import CachedPairDataset, check_meta, collate_cached
 from diffpo.checkpoint import list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
+from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer, to_channels_last
 from diffpo.losses import LossSpec, get_loss
 from diffpo.models import Components, Reference, add_lora, load_components, resolve_family, trainable_parameters
 from diffpo.objectives import noise_pairs, per_sample_error, sample_latents, split_pairs
@@ -127,16 +128,20 @@ def _unwrap(network):
     return getattr(network, "module", network)
 
 
-def build_optimizer(params, cfg: Config):
+def build_optimizer(params, cfg: Config, device: torch.device | str = "cpu"):
+    """AdamW (fused kernel on CUDA: same math, one launch), 8-bit AdamW, or AdamW over float32
+    masters of bf16 weights (``train.weight_dtype=bf16``)."""
     tc = cfg.train
     kwargs = dict(lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon)
+    if tc.weight_dtype == "bf16":
+        return MasterWeightAdamW(params, **kwargs)
     if tc.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise TrainingError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -214,8 +219,24 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     if reference is not None and reference.frozen is not None:
         reference.frozen.to(accelerator.device, dtype=weight_dtype)
 
+    if tc.weight_dtype == "bf16":
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise TrainingError(
+                "train.weight_dtype=bf16 is for single-GPU and DDP runs: FSDP and DeepSpeed keep their own float32 "
+                "master shards; use mixed_precision bf16 in their accelerate config instead"
+            )
+        # The float32 masters are made from the weights where they will live (the device).
+        network.to(accelerator.device, dtype=torch.bfloat16)
+    if tc.channels_last:
+        to_channels_last(network)
+    compile_network(network, tc.compile)
+    if reference is not None and reference.frozen is not None:
+        compile_network(reference.frozen, tc.compile)
+
     params = trainable_parameters(network)
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg, accelerator.device)
     lr_scheduler = get_scheduler(
         tc.lr_scheduler,
         optimizer=optimizer,
@@ -340,6 +361,10 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         tmp = output_dir / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(network)
+        master = find_master_optimizer(optimizer)
+        if master is not None:  # save the float32 masters, not their bf16 rounding
+            unwrapped.to(torch.float32)
+            master.write_masters_into(unwrapped)
         if use_lora:
             components.family.save_lora(unwrapped, tmp)
         else:

@@ -1,0 +1,53 @@
+"""The throughput harness runs on the CPU (a smoke run: it checks that the harness works, not speed)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import train_step
+
+
+def test_help_runs():
+    out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--help"], capture_output=True, text=True, check=True)
+    assert "RECIPE/OBJECTIVE/MODE" in out.stdout
+
+
+def test_smoke_run_measures_every_case(tmp_path):
+    out = tmp_path / "bench.json"
+    cases = "public/diffusion_dpo/full,diffpo/mapo/lora,diffpo/unet/full"
+    result = train_step.main(["--arch", "tiny-sdxl", "--device", "cpu", "--pairs", "2", "--steps", "1", "--warmup", "0", "--cases", cases, "--out", str(out), "--stop-on-error"])
+    saved = json.loads(out.read_text())
+    assert [row["case"] for row in saved["rows"]] == cases.split(",")
+    rows = {row["case"]: row for row in result["rows"]}
+    for row in rows.values():
+        assert row["step_s"] > 0 and row["pairs_per_s"] == pytest.approx(2 / row["step_s"])
+    # the public recipe's step also encodes images and prompts and runs a reference UNet
+    # (at least the reference forward: a third of forward + backward)
+    assert rows["public/diffusion_dpo/full"]["flops_per_step"] > 1.3 * rows["diffpo/unet/full"]["flops_per_step"]
+    # LoRA trains only the adapters
+    assert rows["diffpo/mapo/lora"]["trainable_params"] < rows["diffpo/unet/full"]["trainable_params"] / 10
+    assert saved["environment"]["torch"] == torch.__version__
+
+
+def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_step(self, step):
+        calls.append(self.case.label)
+        if self.case.objective == "mapo":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_step.Setup, "step", fake_step)
+    monkeypatch.setattr(train_step.Setup, "count_flops", lambda self: 1.0)
+    result = train_step.main(["--arch", "tiny-sd", "--device", "cpu", "--steps", "1", "--warmup", "0", "--cases", "diffpo/mapo/full,diffpo/sft/full"])
+    first, second = result["rows"]
+    assert first["error"] == "out of memory" and "step_s" not in first
+    assert second["step_s"] > 0 and "error" not in second
+
+
+def test_bad_case_is_a_clear_error():
+    with pytest.raises(SystemExit, match="not RECIPE/OBJECTIVE/MODE"):
+        train_step.parse_args(["--cases", "diffpo-mapo"])

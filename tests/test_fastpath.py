@@ -1,0 +1,93 @@
+"""The fast path: bf16 weights with float32 masters, compilation, and their training runs."""
+
+import pytest
+import torch
+from conftest import read_metrics, tiny_run_config
+from safetensors.torch import load_file
+
+from diffpo.config import ConfigError, config_from_dict
+from diffpo.fastpath import MasterWeightAdamW, compile_network, compiled_regions
+from diffpo.train import train
+
+
+def _grads(step: int, shape) -> torch.Tensor:
+    """A steady descent direction with noise: Adam's steps are then about lr each."""
+    return 1.0 + 0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(step))
+
+
+def test_master_weights_follow_float32_adamw_where_pure_bf16_loses_updates():
+    # start from bf16-representable values so that all three optimizers start equal
+    init = (1.0 + 0.01 * torch.randn(64, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16).float()
+    lr = 1e-5  # a step of ~lr is below half a bf16 ulp (2^-8) of weights near 1
+
+    fp32 = torch.nn.Parameter(init.clone())
+    ref = torch.optim.AdamW([fp32], lr=lr, weight_decay=0.0)
+    bf16 = torch.nn.Parameter(init.to(torch.bfloat16))
+    master_opt = MasterWeightAdamW([bf16], lr=lr, weight_decay=0.0)
+    pure = torch.nn.Parameter(init.to(torch.bfloat16))
+    pure_opt = torch.optim.AdamW([pure], lr=lr, weight_decay=0.0)
+    for step in range(200):
+        g = _grads(step, init.shape)
+        fp32.grad, bf16.grad, pure.grad = g.clone(), g.to(torch.bfloat16), g.to(torch.bfloat16)
+        for opt in (ref, master_opt, pure_opt):
+            opt.step()
+            opt.zero_grad()
+
+    master = master_opt.param_groups[0]["params"][0]
+    moved = (fp32.detach() - init).abs()
+    assert moved.mean() > 1e-3  # 200 steps of ~1e-5 moved the float32 weights
+    # the masters track float32 AdamW up to bf16 rounding of the gradients
+    torch.testing.assert_close(master, fp32.detach(), rtol=0, atol=2e-5)
+    # the bf16 weights are the masters rounded
+    assert torch.equal(bf16.detach(), master.to(torch.bfloat16))
+    # pure bf16 AdamW dropped every update: the weights never left their initial bf16 values
+    assert torch.equal(pure.detach(), init.to(torch.bfloat16))
+    assert bf16.grad is None  # the low-precision gradient is freed once upcast
+
+
+def test_master_weights_survive_state_dict_round_trip():
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([p], lr=1e-5)
+    for step in range(5):
+        p.grad = _grads(step, p.shape).to(torch.bfloat16)
+        opt.step()
+    state = opt.state_dict()
+    q = torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))
+    fresh = MasterWeightAdamW([q], lr=1e-5)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.param_groups[0]["params"][0], opt.param_groups[0]["params"][0])
+    assert not torch.equal(fresh.param_groups[0]["params"][0], torch.ones(8))  # float32 values, not bf16 ones
+    assert torch.equal(q.detach(), p.detach())
+
+
+def test_bf16_weights_require_bf16_mixed_precision():
+    with pytest.raises(ConfigError, match="train.weight_dtype"):
+        config_from_dict({"model": {"pretrained": "tiny:sd"}, "data": {"source": "x"}, "train": {"weight_dtype": "bf16"}})
+
+
+def test_bf16_weight_training_resumes_exactly_and_saves_float32_masters(tmp_path, pair_dir, model_cache):
+    fast = {"mixed_precision": "bf16", "weight_dtype": "bf16", "max_steps": 4, "checkpoint_every": 2}
+    full = tmp_path / "full"
+    train(tiny_run_config(full, pair_dir, train=fast), cache_dir=model_cache)
+    part = tmp_path / "part"
+    train(tiny_run_config(part, pair_dir, train={**fast, "max_steps": 2}), cache_dir=model_cache)
+    train(tiny_run_config(part, pair_dir, train={**fast, "resume": "latest"}), cache_dir=model_cache)
+    a, b = read_metrics(full), read_metrics(part)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-5)
+
+    lora = load_file(full / "final" / "pytorch_lora_weights.safetensors")
+    tensors = list(lora.values())
+    assert all(t.dtype == torch.float32 for t in tensors)
+    # float32 masters, not bf16-rounded values: some weight is not representable in bf16
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in tensors)
+
+
+def test_regional_compile_marks_the_repeated_blocks():
+    from diffpo.tiny import tiny_unet
+
+    unet = tiny_unet(4, 16)
+    compile_network(unet, "regional")
+    names = compiled_regions(unet)
+    assert any("resnets" in n for n in names) and any("attentions" in n for n in names)
+    assert "" not in names  # the network itself stays eager
