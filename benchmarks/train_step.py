@@ -144,12 +144,6 @@ class Setup:
             self.reference = Reference(unet, use_lora=case.mode == "lora") if needs_reference else None
             if self.reference is not None and self.reference.frozen is not None:
                 self.reference.frozen.to(torch.bfloat16)
-            if case.compiled:
-                from diffpo.fastpath import compile_network
-
-                compile_network(unet, "regional")
-                if self.reference is not None and self.reference.frozen is not None:
-                    compile_network(self.reference.frozen, "regional")
         cfg = _train_config(case)
         params = trainable_parameters(unet)
         self.trainable = sum(p.numel() for p in params)
@@ -180,6 +174,16 @@ class Setup:
         if arch.family == "sdxl":
             cond["text_embeds"] = torch.randn(pairs, arch.text_encoders[-1]["projection_dim"], generator=g).to(self.device, torch.bfloat16)
         return {"cond": cond, "latents_w": latent(), "latents_l": latent()}
+
+    def compile(self) -> None:
+        """Regional torch.compile of the trained UNet and of a frozen reference copy (after the FLOP
+        count, which runs eagerly)."""
+        from diffpo.fastpath import compile_network
+
+        unwrapped = getattr(self.unet, "module", self.unet)
+        compile_network(unwrapped, "regional")
+        if self.reference is not None and self.reference.frozen is not None:
+            compile_network(self.reference.frozen, "regional")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -284,10 +288,13 @@ def run_case(arch: Arch, case: Case, args, device: torch.device, encoders, peak:
         started = time.perf_counter()
         setup = Setup(arch, case, args.pairs, device, encoders, accelerator)
         row["trainable_params"] = setup.trainable
+        row["network_class"] = type(setup.unet).__name__  # DistributedDataParallel, FSDP..., or the UNet itself
         # FLOPs do not depend on compilation or checkpointing: count once per (objective, mode, encoders)
         key = (case.objective, case.mode, case.public)
-        if key not in flops_cache and not case.compiled and accelerator is None:
+        if key not in flops_cache and accelerator is None:
             flops_cache[key] = setup.count_flops()
+        if case.compiled:
+            setup.compile()
         times = []
         for i in range(args.warmup + args.steps):
             synchronize(device)

@@ -118,9 +118,10 @@ def compile_network(network: nn.Module, mode: CompileMode) -> nn.Module:
         return network
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
-        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    config = torch._dynamo.config
+    for name, floor in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 1024), ("accumulated_cache_size_limit", 1024)):
+        if hasattr(config, name):  # names differ across torch versions (2.6 renamed cache_size_limit)
+            setattr(config, name, max(getattr(config, name), floor))
     if mode == "full":
         network.compile()
         return network

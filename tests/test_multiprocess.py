@@ -55,35 +55,3 @@ def test_shipped_accelerate_configs_load(name):
         assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_reshard_after_forward"] is True
     assert cfg.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[name]
 
-
-def test_fsdp_two_processes_match_one_process(tmp_path, monkeypatch):
-    """The shipped FSDP config (FSDP2, full sharding), on 2 CPU processes: same losses as one
-    process with the global batch, and a final model that loads whole."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
-    monkeypatch.chdir(REPO)
-    cfg = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp.yaml").read_text())
-    cfg.update(num_processes=2, use_cpu=True, mixed_precision="no")
-    config_file = tmp_path / "fsdp_cpu.yaml"
-    config_file.write_text(yaml.safe_dump(cfg))
-    common = ["--config", "configs/tiny.yaml", "loss.name=mapo", "model.lora.enabled=false", "train.max_steps=3", "train.checkpoint_every=3",
-              "logging.report_to=none", "logging.progress=false"]
-    assert main(["train", *common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]) == 0
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "-m", "diffpo", "train"]
-    subprocess.run(launch + [*common, f"output_dir={tmp_path / 'fsdp'}", "train.batch_size=2"], env=env, check=True, capture_output=True)
-    one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
-    assert len(fsdp) == 3 and fsdp == pytest.approx(one, rel=1e-4, abs=1e-6)
-
-    from diffusers import UNet2DConditionModel
-
-    a = UNet2DConditionModel.from_pretrained(tmp_path / "one" / "final" / "unet")
-    b = UNet2DConditionModel.from_pretrained(tmp_path / "fsdp" / "final" / "unet")
-    # Adam's first steps are ~lr (1e-3) per weight; reduction-order differences in the all-reduce
-    # move a weight whose gradient is near zero by a small fraction of that
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert (p - q).abs().max().item() < 5e-4, name

@@ -48,7 +48,7 @@ class DemoSettings:
     pairs_per_prompt: int = 4
     steps: int = 60
     batch_size: int = 16
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-5
     lora_rank: int = 0
     """0: full fine-tuning; otherwise LoRA of this rank on every conv and attention layer."""
     eval_per_prompt: int = 8
