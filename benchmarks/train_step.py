@@ -16,6 +16,7 @@ A case is ``RECIPE/OBJECTIVE/MODE``:
   encoders), bf16 weights with float32 masters (``diffpo.fastpath.MasterWeightAdamW``, fused),
   SDPA attention, one fused [winners; losers] batch, the reference as disabled adapters under LoRA.
   ``diffpo+compile`` adds regional torch.compile; ``diffpo+ckpt`` gradient checkpointing (memory);
+  ``+cl`` the channels_last memory format;
   ``diffpo-fp32`` keeps float32 weights under autocast (what FSDP shards: its own mixed precision
   computes in bf16 from float32 shards).
 - OBJECTIVE: ``sft``, ``diffusion_dpo``, ``mapo``, ``dmpo``, or ``unet`` (the UNet's forward and
@@ -48,7 +49,7 @@ import torch
 from benchmarks.archs import ARCHS, Arch, build_encoders, build_unet
 
 OBJECTIVES = ("sft", "diffusion_dpo", "mapo", "dmpo", "unet")
-RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo-fp32", "diffpo-fp32+ckpt")
+RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo-fp32", "diffpo-fp32+ckpt")
 DEFAULT_CASES = (
     "public/mapo/full", "public/diffusion_dpo/full",
     "diffpo/sft/full", "diffpo/mapo/full", "diffpo/diffusion_dpo/full", "diffpo/dmpo/full",
@@ -92,6 +93,10 @@ class Case:
         return not self.public and not self.recipe.startswith("diffpo-fp32")
 
     @property
+    def channels_last(self) -> bool:
+        return "+cl" in self.recipe
+
+    @property
     def checkpointing(self) -> bool:
         return self.public or "+ckpt" in self.recipe
 
@@ -129,6 +134,8 @@ class Setup:
             unet.requires_grad_(True)
         if case.checkpointing:
             unet.enable_gradient_checkpointing()
+        if case.channels_last:
+            unet.to(memory_format=torch.channels_last)
         unet.train()
         self.spec = get_loss("mapo" if case.objective == "unet" else case.objective)
         self.hparams = self.spec.resolve_hparams({})
@@ -168,7 +175,8 @@ class Setup:
         if self.case.public:  # images and prompts: encoded inside the step, as the public scripts do
             pixels = lambda: (torch.rand(pairs, 3, arch.resolution, arch.resolution, generator=g) * 2 - 1).to(self.device)  # noqa: E731
             return {"prompts": ["a red circle on a white background"] * pairs, "pixels_w": pixels(), "pixels_l": pixels()}
-        latent = lambda: torch.randn(pairs, 4, arch.latent_size, arch.latent_size, generator=g).to(self.device)  # noqa: E731
+        memory_format = torch.channels_last if self.case.channels_last else torch.contiguous_format
+        latent = lambda: torch.randn(pairs, 4, arch.latent_size, arch.latent_size, generator=g).to(self.device, memory_format=memory_format)  # noqa: E731
         hidden = sum(cfg["hidden_size"] for cfg in arch.text_encoders)
         cond = {"encoder_hidden_states": torch.randn(pairs, arch.text_length, hidden, generator=g).to(self.device, torch.bfloat16)}
         if arch.family == "sdxl":
@@ -346,6 +354,7 @@ def profile_step(setup: Setup, device: torch.device, out_dir: Path, case: Case) 
 
 
 KINDS = (
+    ("communication", ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "reduce_scatter", "reducescatter")),
     ("matmul", ("gemm", "mm", "matmul", "addmm", "linear", "cutlass", "sm90_xmma", "nvjet")),
     ("convolution", ("conv", "cudnn", "implicit_convolve", "winograd")),
     ("attention", ("flash", "attention", "fmha", "sdpa", "efficient")),

@@ -58,15 +58,19 @@ class MasterWeightAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         masters = self._masters()
+        with_grad = [(param, master) for param, master in zip(self.model_params, masters) if param.grad is not None]
         for param, master in zip(self.model_params, masters):
             if param.grad is None:
                 master.grad = None
-                continue
-            master.grad = param.grad.to(torch.float32)
-            param.grad = None
+        if with_grad:
+            # one fused cast-copy for all gradients (per-tensor copies cost a launch each: ~1700 in SDXL)
+            upcast = [torch.empty_like(master) for _, master in with_grad]
+            torch._foreach_copy_(upcast, [param.grad for param, _ in with_grad])
+            for (param, master), grad in zip(with_grad, upcast):
+                master.grad = grad
+                param.grad = None
         loss = super().step(closure)
-        for param, master in zip(self.model_params, masters):
-            param.copy_(master)
+        torch._foreach_copy_(self.model_params, masters)  # round the float32 masters into the weights
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -250,6 +250,8 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     sampler = EpochSampler(len(dataset), cfg.seed)
     dataloader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=True)
     network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+    # FSDP2 replaces the parameters by sharded DTensors: clip (and count) the prepared ones
+    params = [p for p in network.parameters() if p.requires_grad]
 
     # Resume: restore model/optimizer/scheduler/RNG, then skip the micro-batches already seen.
     step, skipped_total = 0, 0
