@@ -355,9 +355,10 @@ def profile_step(setup: Setup, device: torch.device, out_dir: Path, case: Case) 
 
 KINDS = (
     ("communication", ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "reduce_scatter", "reducescatter")),
+    # attention before matmul: cuDNN's flash-attention kernels are named "...sdpa..._wgmma_..."
+    ("attention", ("flash", "attention", "fmha", "sdpa", "efficient")),
     ("matmul", ("gemm", "mm", "matmul", "addmm", "linear", "cutlass", "sm90_xmma", "nvjet")),
     ("convolution", ("conv", "cudnn", "implicit_convolve", "winograd")),
-    ("attention", ("flash", "attention", "fmha", "sdpa", "efficient")),
     ("normalization", ("norm", "group_norm", "layer_norm")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("copy/cast", ("copy", "cast", "to_copy", "memcpy", "memset")),

@@ -187,6 +187,11 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     spec: LossSpec = get_loss(cfg.loss.name)
     hparams = spec.resolve_hparams(cfg.loss.hparams)
 
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and cfg.model.lora.enabled:
+        raise TrainingError("LoRA under FSDP is not supported (adapters are small: train LoRA with DDP, configs/accelerate/ddp.yaml)")
+
     # Data first: bad data stops the run before any model loads.
     records, report = load_pair_records(cfg.data, seed=cfg.seed)
     if accelerator.is_main_process:
@@ -220,8 +225,6 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         reference.frozen.to(accelerator.device, dtype=weight_dtype)
 
     if tc.weight_dtype == "bf16":
-        from accelerate.utils import DistributedType
-
         if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise TrainingError(
                 "train.weight_dtype=bf16 is for single-GPU and DDP runs: FSDP and DeepSpeed keep their own float32 "
@@ -359,10 +362,11 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
 
     final_dir = output_dir / "final"
     accelerator.wait_for_everyone()
+    sharded = _gather_sharded(accelerator, network)  # a collective: every rank takes part
     if accelerator.is_main_process:
         tmp = output_dir / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(network)
+        unwrapped = sharded if sharded is not None else accelerator.unwrap_model(network)
         master = find_master_optimizer(optimizer)
         if master is not None:  # save the float32 masters, not their bf16 rounding
             unwrapped.to(torch.float32)
@@ -376,6 +380,23 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         publish_dir(tmp, final_dir)
     accelerator.end_training()
     return TrainResult(output_dir, final_dir, step, skipped_total, time.perf_counter() - started)
+
+
+def _gather_sharded(accelerator, network) -> torch.nn.Module | None:
+    """Under FSDP, a whole float32 copy of the trained network on the main process (None elsewhere,
+    and None without FSDP). The sharded parameters cannot be saved from one rank: the device run
+    failed with "invalid python storage" on FSDP2's DTensors. All ranks must call this."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    state = accelerator.get_state_dict(network)  # full state dict, gathered to the main process
+    if not accelerator.is_main_process:
+        return None
+    unwrapped = accelerator.unwrap_model(network)
+    whole = type(unwrapped).from_config(unwrapped.config)
+    whole.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    return whole
 
 
 __all__ = ["train", "TrainResult", "TrainingError", "pair_errors", "list_checkpoints"]

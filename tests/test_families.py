@@ -139,13 +139,20 @@ def test_families_are_registered():
     assert {"sd", "sdxl", "sd3", "flux"} <= set(FAMILIES)
 
 
-@pytest.mark.parametrize("name", ["sdxl_mapo_pickapic", "sdxl_mapo_pickapic_lora", "sd15_dpo", "sd15_dmpo", "sd35m_mapo_lora"])
+@pytest.mark.parametrize("name", ["sdxl_mapo_pickapic", "sdxl_mapo_pickapic_lora", "sd15_dpo", "sd15_dmpo", "sd35m_mapo_lora", "sdxl_mapo_fast"])
 def test_shipped_configs_name_a_registered_family(name):
     from diffpo.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     assert cfg.model.family in FAMILIES
     assert cfg.data.source == "yuvalkirstain/pickapic_v2" and cfg.data.ties == "drop"
+    # the fast path where it changes no result: every GPU recipe compiles its blocks
+    assert cfg.train.compile == "regional"
+    if name == "sdxl_mapo_fast":  # bf16 weights keep float32 masters; same global batch as the recipe
+        assert cfg.train.weight_dtype == "bf16" and cfg.train.mixed_precision == "bf16" and cfg.data.cache
+        recipe = load_config(Path(__file__).resolve().parents[1] / "configs" / "sdxl_mapo_pickapic.yaml")
+        per_step = lambda c: c.train.batch_size * c.train.gradient_accumulation_steps  # noqa: E731
+        assert per_step(cfg) == per_step(recipe) and cfg.loss == recipe.loss
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])

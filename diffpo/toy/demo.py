@@ -51,7 +51,7 @@ class DemoSettings:
     learning_rate: float = 5e-5
     lora_rank: int = 0
     """0: full fine-tuning; otherwise LoRA of this rank on every conv and attention layer."""
-    eval_per_prompt: int = 8
+    eval_per_prompt: int = 16
     seed: int = 0
     device: str = "cpu"
     num_inference_steps: int = 10
