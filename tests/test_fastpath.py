@@ -91,3 +91,25 @@ def test_regional_compile_marks_the_repeated_blocks():
     names = compiled_regions(unet)
     assert any("resnets" in n for n in names) and any("attentions" in n for n in names)
     assert "" not in names  # the network itself stays eager
+
+
+def test_fsdp_save_rebuilds_a_whole_float32_network_from_the_gathered_state():
+    """FSDP cannot run on CPUs (accelerate runs it as DDP), so the save path is checked with the
+    accelerator's two calls stood in: the gathered full state dict becomes a whole network."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from diffpo.tiny import tiny_unet
+    from diffpo.train import _gather_sharded
+
+    trained = tiny_unet(4, 16).to(torch.bfloat16)
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    fake = SimpleNamespace(distributed_type=DistributedType.FSDP, is_main_process=True, get_state_dict=lambda net: state, unwrap_model=lambda net: net)
+    whole = _gather_sharded(fake, trained)
+    assert whole is not trained and all(p.dtype == torch.float32 for p in whole.parameters())
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(value, state[key].float())
+    # other ranks take part in the gather but get nothing; without FSDP nothing is gathered
+    assert _gather_sharded(SimpleNamespace(**{**vars(fake), "is_main_process": False}), trained) is None
+    assert _gather_sharded(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), trained) is None
