@@ -7,8 +7,8 @@ prompt "a red star on a white background" (Ruiz et al. 2023, sec. 3.2-3.3): the 
 identifier before the shape word, and the class noun is the subject's own shape word, as "dog" is
 for a dog (the base has no better class word: its prior for "star" is a circle-ish blob).
 
-Data (one set per seed, shared by both methods): a handful of subject renders (``TRAIN_LOOKS``: 3
-colours x 3 backgrounds, 6 combinations) written to a folder with caption files, then
+Data (one set per seed, shared by both methods): a handful of subject renders (``TRAIN_LOOKS``: 8
+of the 18 colour x background combinations, 4 colours) written to a folder with caption files, then
 ``build_pairs_from_images`` (the code of ``diffpo pairs from-images``) pairs each subject image
 with base generations of its class prompt: chosen = subject image with the identifier prompt,
 rejected = class-prior image, ``rejected_prompt`` = the class prompt.
@@ -24,7 +24,7 @@ How each method reads a pair:
   under the class prompt, i.e. actively unlearn the prior that DreamBooth preserves.
 
 Evaluation, same seeds for every model: held-out prompts put the subject in new colours and
-backgrounds (``heldout_looks``; 3 colours never seen with the subject); subject fidelity = the
+backgrounds (``heldout_looks``; 2 colours never seen with the subject); subject fidelity = the
 checker sees a star; prompt faithfulness = it sees the prompt's colour and background. Drift, on
 prompts without the token: faithfulness on all 54 base prompts (tuned minus base, same seeds),
 the pixel change from the base image of the same seed, and how often the bare class prompt now
@@ -51,9 +51,10 @@ from diffpo.toy.grammar import BACKGROUNDS, COLORS, SHAPES, ShapePrompt, all_pro
 SUBJECT = "star"
 TOKEN = "sks"
 TRAIN_LOOKS: tuple[tuple[str, str], ...] = (
-    ("red", "white"), ("blue", "black"), ("green", "gray"), ("red", "gray"), ("blue", "white"), ("green", "black"),
+    ("red", "white"), ("red", "gray"), ("blue", "black"), ("blue", "white"),
+    ("green", "gray"), ("green", "black"), ("yellow", "black"), ("yellow", "gray"),
 )
-"""(colour, background) of the subject images: each colour on two of the three backgrounds."""
+"""(colour, background) of the 8 subject images: 4 colours, each on two of the three backgrounds."""
 
 METHODS: tuple[str, ...] = ("dreambooth", "mapo")
 
@@ -67,8 +68,8 @@ def class_prompt(color: str, background: str) -> ShapePrompt:
 
 
 def heldout_looks() -> list[tuple[str, str]]:
-    """Every (colour, background) not among the subject images: 9 with colours the subject was
-    never shown in (yellow, purple, orange), 3 new combinations of shown colours and backgrounds."""
+    """Every (colour, background) not among the subject images: 6 with colours the subject was
+    never shown in (purple, orange), 4 new combinations of shown colours and backgrounds."""
     return [(c, b) for c in COLORS for b in BACKGROUNDS if (c, b) not in TRAIN_LOOKS]
 
 
@@ -80,7 +81,7 @@ class PersonalizeSettings:
     """Class-prior images per subject image (DreamBooth: ~200 for 3-5 subject images)."""
     steps: int = 150
     batch_size: int = 16
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-4
     prior_weight: float = 1.0
     """DreamBooth's lambda (paper and diffusers default)."""
     mapo_beta: float = 0.1
@@ -169,6 +170,7 @@ def eval_prompt_sets() -> dict[str, list[ShapePrompt]]:
     looks = heldout_looks()
     return {
         "subject": [identifier_prompt(c, b) for c, b in looks],
+        "seen": [identifier_prompt(c, b) for c, b in TRAIN_LOOKS],
         "class": [class_prompt(c, b) for c, b in looks],
         "base": all_prompts(shapes=SHAPES),
     }
@@ -200,6 +202,7 @@ def per_image_metrics(samples: dict[str, dict], base: dict[str, dict] | None) ->
     s, c, b = samples["subject"], samples["class"], samples["base"]
     out = {
         "subject_fidelity": s["shape"],
+        "subject_fidelity_seen_looks": samples["seen"]["shape"],  # the subject images' own prompts: memorisation
         "color": s["color"],
         "background": s["background"],
         "prompt_faithfulness": s["color"] * s["background"],  # both of the prompt's new attributes right
@@ -213,7 +216,7 @@ def per_image_metrics(samples: dict[str, dict], base: dict[str, dict] | None) ->
 
 
 METRIC_SETS = {  # which prompt set each metric's images come from (for the bootstrap's groups)
-    "subject_fidelity": "subject", "color": "subject", "background": "subject", "prompt_faithfulness": "subject",
+    "subject_fidelity": "subject", "subject_fidelity_seen_looks": "seen", "color": "subject", "background": "subject", "prompt_faithfulness": "subject",
     "class_prompt_star_rate": "class", "base_prompt_faithfulness": "base", "base_prompt_pixel_change": "base",
 }
 
@@ -304,7 +307,8 @@ def run_personalization(out: Path, seeds: Sequence[int], settings: PersonalizeSe
     out.mkdir(parents=True, exist_ok=True)
     base = base or str(ASSET_DIR)
     sets = eval_prompt_sets()
-    per = {"subject": settings.eval_per_prompt, "class": max(1, settings.eval_per_prompt // 2), "base": settings.drift_per_prompt}
+    half = max(1, settings.eval_per_prompt // 2)
+    per = {"subject": settings.eval_per_prompt, "seen": half, "class": half, "base": settings.drift_per_prompt}
     groups_by_set = {name: np.repeat(np.arange(len(prompts)), per[name]) for name, prompts in sets.items()}
 
     base_components = _load(base, settings.device)
@@ -342,8 +346,8 @@ def run_personalization(out: Path, seeds: Sequence[int], settings: PersonalizeSe
         "base_model": base,
         "subject": {"shape": SUBJECT, "token": TOKEN, "train_looks": [list(x) for x in TRAIN_LOOKS], "subject_images": len(TRAIN_LOOKS),
                     "pairs_per_seed": len(TRAIN_LOOKS) * settings.class_images},
-        "eval": {"heldout_subject_prompts": [p.text for p in sets["subject"]], "images_per_subject_prompt": settings.eval_per_prompt,
-                 "base_prompts": len(sets["base"]), "images_per_base_prompt": settings.drift_per_prompt, "seed": EVAL_SEED},
+        "eval": {"heldout_subject_prompts": [p.text for p in sets["subject"]], "images_per_prompt": per,
+                 "base_prompts": len(sets["base"]), "first_seed": EVAL_SEED, "sampler": {"num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale}},
         "results": summarize_runs(base_metrics, runs, groups_by_set),
         "seconds_train_per_run": {m: float(np.mean(v)) for m, v in seconds_train.items()},
         "seconds": time.perf_counter() - started,
@@ -365,6 +369,7 @@ def write_grid(rows: dict[str, np.ndarray], path: Path, per_prompt: int) -> None
 
 LABELS = {
     "subject_fidelity": "subject fidelity (checker sees a star)",
+    "subject_fidelity_seen_looks": "subject fidelity on the subject images' own prompts",
     "color": "colour faithfulness",
     "background": "background faithfulness",
     "prompt_faithfulness": "colour and background both right",

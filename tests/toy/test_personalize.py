@@ -22,9 +22,9 @@ def test_subject_prompts_and_heldout_looks():
     assert class_prompt("red", "white").text == "a red star on a white background"
     assert ShapePrompt.parse("a purple sks star on a gray background") == identifier_prompt("purple", "gray")
     looks = heldout_looks()
-    assert len(looks) == 12 and not set(looks) & set(TRAIN_LOOKS)
+    assert len(looks) == 10 and not set(looks) & set(TRAIN_LOOKS) and len(set(looks) | set(TRAIN_LOOKS)) == 18
     unseen = set(COLORS) - {c for c, _ in TRAIN_LOOKS}
-    assert unseen == {"yellow", "purple", "orange"} and sum(c in unseen for c, _ in looks) == 9
+    assert unseen == {"purple", "orange"} and sum(c in unseen for c, _ in looks) == 6
 
 
 @pytest.mark.parametrize("method", ["dreambooth", "mapo"])
@@ -68,15 +68,15 @@ def test_command_end_to_end_tiny(tmp_path, capsys):
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert {"command", "date", "commit", "machine", "seeds", "settings", "results", "seconds"} <= set(report)
-    metrics = {"subject_fidelity", "color", "background", "prompt_faithfulness", "class_prompt_star_rate", "base_prompt_faithfulness", "base_prompt_pixel_change"}
+    metrics = {"subject_fidelity", "subject_fidelity_seen_looks", "color", "background", "prompt_faithfulness", "class_prompt_star_rate", "base_prompt_faithfulness", "base_prompt_pixel_change"}
     for method in ("dreambooth", "mapo"):
         entries = report["results"]["methods"][method]
         assert set(entries) == metrics
         assert all(0.0 <= e["mean"] <= 1.0 and e["ci"][0] <= e["mean"] <= e["ci"][1] for e in entries.values())
     assert set(report["results"]["mapo_minus_dreambooth"]) == metrics
-    # The pairs: 6 subject images, prompted with the identifier; the rejected image is a class sample.
+    # The pairs: 8 subject images, prompted with the identifier; the rejected image is a class sample.
     rows = [json.loads(line) for line in (out / "seed0" / "pairs" / "pairs.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and all(" sks star " in r["prompt"] and r["rejected_prompt"] == r["prompt"].replace(" sks", "") for r in rows)
+    assert len(rows) == 8 and all(" sks star " in r["prompt"] and r["rejected_prompt"] == r["prompt"].replace(" sks", "") for r in rows)
     text = (out / "report.md").read_text()
     assert "subject fidelity" in text and "mapo - dreambooth" in text and (out / "grid.png").is_file()
     assert "dreambooth: subject fidelity" in capsys.readouterr().out
@@ -85,5 +85,5 @@ def test_command_end_to_end_tiny(tmp_path, capsys):
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["toy", "personalize", "--out", str(tmp_path), "--seeds", "0,x"]) == 2
     assert "--seeds '0,x': use comma-separated integers" in capsys.readouterr().err
-    assert main(["toy", "personalize", "--out", str(tmp_path), "--class-images", "1", "--batch-size", "8"]) == 2
-    assert "batch-size 8 exceeds the 6 pairs per seed" in capsys.readouterr().err
+    assert main(["toy", "personalize", "--out", str(tmp_path), "--class-images", "1", "--batch-size", "9"]) == 2
+    assert "batch-size 9 exceeds the 8 pairs per seed" in capsys.readouterr().err
