@@ -62,6 +62,7 @@ def register_cli(sub) -> None:
     p.add_argument("--eval-per-prompt", type=int, default=d.eval_per_prompt)
     p.add_argument("--drift-per-prompt", type=int, default=d.drift_per_prompt)
     p.add_argument("--inference-steps", type=int, default=d.num_inference_steps, help="DDIM steps for class images and evaluation")
+    p.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first K prompts of each set (smoke runs)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--base", default=None, help="base model folder (default: the committed toy base)")
     p.set_defaults(func=cmd_personalize)
@@ -84,7 +85,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     settings = PersonalizeSettings(
         class_images=args.class_images, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, prior_weight=args.prior_weight,
         mapo_beta=args.mapo_beta, eval_per_prompt=args.eval_per_prompt, drift_per_prompt=args.drift_per_prompt,
-        num_inference_steps=args.inference_steps, device=args.device,
+        num_inference_steps=args.inference_steps, max_prompts=args.max_prompts, device=args.device,
     )
     command = "diffpo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name in ("diffpo", "__main__.py") else ""
     report = run_personalization(args.out, seeds, settings, base=args.base, command=command)

@@ -64,11 +64,11 @@ def test_summary_statistics_by_hand():
 def test_command_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "p"
     code = main(["toy", "personalize", "--out", str(out), "--seeds", "0", "--steps", "2", "--batch-size", "4", "--class-images", "1",
-                 "--eval-per-prompt", "1", "--drift-per-prompt", "1", "--inference-steps", "2"])
+                 "--eval-per-prompt", "1", "--drift-per-prompt", "1", "--inference-steps", "2", "--max-prompts", "2"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert {"command", "date", "commit", "machine", "seeds", "settings", "results", "seconds"} <= set(report)
-    metrics = {"subject_fidelity", "subject_fidelity_seen_looks", "color", "background", "prompt_faithfulness", "class_prompt_star_rate", "base_prompt_faithfulness", "base_prompt_pixel_change"}
+    metrics = {"subject_fidelity", "subject_fidelity_clean", "subject_fidelity_seen_looks", "color", "background", "prompt_faithfulness", "class_prompt_star_rate", "base_prompt_faithfulness", "base_prompt_pixel_change"}
     for method in ("dreambooth", "mapo"):
         entries = report["results"]["methods"][method]
         assert set(entries) == metrics
