@@ -188,6 +188,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self):
+        # The latent cache holds one text embedding per pair: nothing for a separate loser prompt.
+        _check(
+            not (self.data.cache and get_loss(self.loss.name).loser_prompt == "rejected"), "data.cache",
+            f"loss '{self.loss.name}' conditions the rejected image on its own prompt, which the latent cache does not store; train it without data.cache",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["loss"] = {"name": self.loss.name, **self.loss.hparams}

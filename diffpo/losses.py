@@ -77,6 +77,23 @@ def diffusion_dpo_loss(err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tenso
     return -F.logsigmoid(dpo_logit(err_w, err_l, ref_w, ref_l, beta))
 
 
+def dreambooth_loss(err_w: Tensor, err_l: Tensor, ref_w=None, ref_l=None, prior_weight: float = 1.0) -> Tensor:
+    """DreamBooth (Ruiz et al. 2023, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for
+    Subject-Driven Generation", eq. 2): loss = err_w + prior_weight * err_l.
+
+    Not a preference objective: two likelihood terms. err_w is the subject image under the
+    identifier prompt ("a sks dog"); err_l is a class-prior image (a base-model sample of the
+    class prompt, "a dog") under *its own* prompt, the pair's ``rejected_prompt``: the trainer
+    conditions the loser half on it because this spec sets ``loser_prompt="rejected"``. The second
+    term, "class-specific prior preservation", keeps the class prompt drawing what the base drew.
+    prior_weight is the paper's lambda (1 in the paper and in diffusers' train_dreambooth.py).
+    Departure from the paper: the two terms share one noise sample and timestep per pair (the
+    paper draws them independently); each term's expectation, hence the expected gradient, is
+    the same, only the two estimates become correlated.
+    """
+    return err_w + prior_weight * err_l
+
+
 def mapo_loss(
     err_w: Tensor,
     err_l: Tensor,
@@ -132,6 +149,14 @@ class LossSpec:
     needs_reference: bool
     hparams: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
+    loser_prompt: str = "pair"
+    """Which prompt conditions the loser half: ``pair`` (the pair's prompt: a preference
+    p(x_w > x_l | c) needs one c) or ``rejected`` (the pair's own ``rejected_prompt``, e.g.
+    DreamBooth's class prompt; pairs without one are an error)."""
+
+    def __post_init__(self) -> None:
+        if self.loser_prompt not in ("pair", "rejected"):
+            raise ValueError(f"loss '{self.name}': loser_prompt must be 'pair' or 'rejected', got {self.loser_prompt!r}")
 
     def resolve_hparams(self, hparams: Mapping[str, float] | None = None) -> dict[str, float]:
         """Defaults overridden by ``hparams``; an unknown name is an error naming the valid ones."""
@@ -208,6 +233,16 @@ register(
         needs_reference=True,
         hparams={"beta": 5000.0},
         description="Diffusion-DPO (Wallace et al. 2023): -log sigmoid of the reference-relative margin",
+    )
+)
+register(
+    LossSpec(
+        "dreambooth",
+        dreambooth_loss,
+        needs_reference=False,
+        hparams={"prior_weight": 1.0},
+        description="DreamBooth (Ruiz et al. 2023): err_w + prior_weight * err_l, the loser on its rejected_prompt (class prior)",
+        loser_prompt="rejected",
     )
 )
 register(

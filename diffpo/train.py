@@ -86,11 +86,14 @@ def pair_errors(
     reference: Reference | None,
     sample_vae: bool,
     autocast,
+    loser_prompt: str = "pair",
 ) -> dict[str, torch.Tensor]:
     """Per-sample errors of the trained network (and of the reference when given) on one batch.
 
     One forward pass over the 2B inputs [winners; losers] with shared noise and timestep per pair.
     A batch from a latent cache (``diffpo.cache``) brings its latents and conditioning along.
+    ``loser_prompt="rejected"`` conditions the losers on the batch's ``rejected_prompts``
+    (DreamBooth's class prompts) instead of the pair's prompts.
     """
     family = components.family
     with torch.no_grad():
@@ -98,13 +101,15 @@ def pair_errors(
             cond = batch["cond"]
             moments = {side: (batch[f"latents_{side}"], batch.get(f"std_{side}")) for side in "wl"}
         else:
-            cond = family.encode_prompts(components, batch["prompts"])
+            prompts = batch["prompts"] + (batch["rejected_prompts"] if loser_prompt == "rejected" else [])
+            cond = family.encode_prompts(components, prompts)
             moments = {side: family.encode_image_moments(components, batch[f"pixels_{side}"]) for side in "wl"}
         draw = generators if sample_vae else None  # posterior sample, or its mode
         latents_w = sample_latents(*moments["w"], draw)
         latents_l = sample_latents(*moments["l"], draw)
     noised = noise_pairs(components.scheduler, latents_w, latents_l, generators)
-    cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+    if loser_prompt != "rejected":  # one prompt per pair conditions both halves
+        cond = {k: torch.cat([v, v]) for k, v in cond.items()}
     prediction = family.predict(components, network, noised.noisy, noised.timesteps, cond)
     err_w, err_l = split_pairs(per_sample_error(prediction, noised.target))
     out = {"err_w": err_w, "err_l": err_l}
@@ -196,6 +201,8 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     records, report = load_pair_records(cfg.data, seed=cfg.seed)
     if accelerator.is_main_process:
         logger.info(report.summary())
+    if spec.loser_prompt == "rejected" and (missing := [r.row for r in records if r.rejected_prompt is None]):
+        raise TrainingError(f"{cfg.data.source}, row {missing[0]}: loss '{spec.name}' conditions the rejected image on the pair's rejected_prompt (the class prompt), and {len(missing)} pair(s) have none; build the pairs with `diffpo pairs from-images --rejected-prompts`")
     global_batch = tc.batch_size * accelerator.num_processes
     if len(records) < global_batch:
         raise TrainingError(f"{cfg.data.source}: {len(records)} usable pairs, fewer than one global batch ({global_batch})")
@@ -303,7 +310,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
             generators = pair_generators(cfg.seed, opt_step, first_pair, tc.batch_size)
             micro_step += 1
             with accelerator.accumulate(network):
-                errors = pair_errors(components, network, batch, generators, reference, sample_vae, accelerator.autocast)
+                errors = pair_errors(components, network, batch, generators, reference, sample_vae, accelerator.autocast, spec.loser_prompt)
                 loss = spec(**errors, **hparams).mean()
                 # Every rank must agree on skipping, or DDP would wait forever for a backward.
                 finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())

@@ -95,3 +95,41 @@ def test_bad_inputs_are_clear_errors(chosen_dir, tmp_path, capsys):
     one.write_text("a prompt\n")
     code = main(["pairs", "from-images", "--chosen", str(chosen_dir), "--prompts", str(one), "--base", "/no/such/model", "--out", str(tmp_path / "o")])
     assert code == 2 and "model folder not found: /no/such/model" in capsys.readouterr().err
+
+
+def test_rejected_prompts_and_per_image_via_cli(chosen_dir, tmp_path, monkeypatch):
+    subject, klass = tmp_path / "subject.txt", tmp_path / "class.txt"
+    subject.write_text("a red sks star on a white background\n")
+    klass.write_text("a red star on a white background\n")
+    prompts_seen = []
+    real = sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda c, p, s, **k: (prompts_seen.extend(p), real(c, p, s, **k))[1])
+    out = tmp_path / "pairs"
+    args = ["pairs", "from-images", "--chosen", str(chosen_dir), "--prompts", str(subject), "--rejected-prompts", str(klass),
+            "--per-image", "3", "--base", "toy:base", "--out", str(out), "--steps", "2", "--batch-size", "4", "--seed", "7"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 15 and [r["seed"] for r in rows] == list(range(7, 22))
+    assert [r["chosen"].split("/")[-1] for r in rows[:4]] == ["img0.png"] * 3 + ["img1.png"]
+    assert all(r["prompt"] == "a red sks star on a white background" and r["rejected_prompt"] == "a red star on a white background" for r in rows)
+    assert prompts_seen == ["a red star on a white background"] * 15  # rejected images come from the class prompt
+    records, _ = load_pair_records(DataConfig(source=str(out)))
+    assert len({r.rejected for r in records}) == 15 and records[0].rejected_prompt == "a red star on a white background"
+    # Run again: nothing is regenerated and the manifest is the same.
+    prompts_seen.clear()
+    assert main(args) == 0
+    assert prompts_seen == [] and [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()] == rows
+
+
+def test_rejected_prompt_errors_name_the_option(chosen_dir, tmp_path, capsys):
+    one = tmp_path / "one.txt"
+    one.write_text("a prompt\n")
+    two = tmp_path / "two.txt"
+    two.write_text("a\nb\n")
+    base = ["pairs", "from-images", "--chosen", str(chosen_dir), "--prompts", str(one), "--base", "toy:base", "--out", str(tmp_path / "o")]
+    assert main(base + ["--rejected-prompts", str(two)]) == 2
+    assert "two.txt: 2 prompts for 5 images" in capsys.readouterr().err
+    assert main(base + ["--rejected-prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "--rejected-prompts: no such file" in capsys.readouterr().err
+    assert main(base + ["--per-image", "0"]) == 2
+    assert "--per-image must be >= 1, got 0" in capsys.readouterr().err

@@ -15,7 +15,9 @@ def t(*values):
 
 def test_registry_contract():
     assert set(LOSSES) >= {"sft", "diffusion_dpo", "mapo", "dmpo"}
-    assert {n: s.needs_reference for n, s in LOSSES.items()} == {"sft": False, "diffusion_dpo": True, "mapo": False, "dmpo": True}
+    assert {n: s.needs_reference for n, s in LOSSES.items()} == {"sft": False, "diffusion_dpo": True, "dreambooth": False, "mapo": False, "dmpo": True}
+    # Only DreamBooth conditions the loser on its own (class) prompt; a preference needs one prompt.
+    assert {n for n, s in LOSSES.items() if s.loser_prompt == "rejected"} == {"dreambooth"}
     assert dict(LOSSES["mapo"].hparams) == {"beta": 0.1, "snr_value": 0.5, "num_train_timesteps": 1000}
     assert dict(LOSSES["diffusion_dpo"].hparams) == {"beta": 5000.0}
     assert LOSSES["dmpo"].hparams["alpha"] == pytest.approx(math.log(999))
@@ -33,6 +35,14 @@ def test_unknown_hparam_and_missing_reference_are_clear_errors():
 
 def test_sft_is_err_w():
     assert_close(LOSSES["sft"](t(0.3, 0.1), t(9.0, 9.0)), t(0.3, 0.1))
+
+
+def test_dreambooth_hand_computed():
+    # DreamBooth eq. 2: err_w + lambda * err_l ; 0.3 + 1.0*0.5 = 0.8 ; 0.1 + 0.25*0.4 = 0.2
+    assert_close(LOSSES["dreambooth"](t(0.3), t(0.5)), t(0.8))
+    assert_close(LOSSES["dreambooth"](t(0.1), t(0.4), prior_weight=0.25), t(0.2))
+    # unlike every preference objective, a larger err_l *raises* the loss: the class prior is kept, not pushed away
+    assert LOSSES["dreambooth"](t(0.3), t(0.6)) > LOSSES["dreambooth"](t(0.3), t(0.5))
 
 
 def test_dpo_hand_computed():

@@ -9,20 +9,24 @@ from pathlib import Path
 def cmd_from_images(args: argparse.Namespace) -> int:
     from diffpo.config import ModelConfig
     from diffpo.data.from_images import build_pairs_from_images, list_images, read_prompts
+    from diffpo.data.pairs import DataError
     from diffpo.models import load_components
 
+    # Every input is checked before the model loads.
+    if args.per_image < 1:
+        raise DataError(f"--per-image must be >= 1, got {args.per_image}")
     chosen = list_images(args.chosen)
     prompts = read_prompts(args.prompts, chosen)
-    rejected_prompts = read_prompts(args.rejected_prompts, chosen) if args.rejected_prompts else None
+    rejected_prompts = read_prompts(args.rejected_prompts, chosen, "--rejected-prompts") if args.rejected_prompts else None
     components = load_components(ModelConfig(pretrained=args.base))
     for module in (components.network, *components.frozen_modules()):
         module.to(args.device)
     sampler = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "resolution": args.resolution}
     path = build_pairs_from_images(
-        components, chosen, prompts, args.out, seed=args.seed, rejected_prompts=rejected_prompts,
+        components, chosen, prompts, args.out, seed=args.seed, rejected_prompts=rejected_prompts, per_image=args.per_image,
         sampler=sampler, batch_size=args.batch_size, device=args.device,
     )
-    print(f"{len(chosen)} pairs written to {path}; train with: diffpo train --config FILE data.source={path}")
+    print(f"{len(chosen) * args.per_image} pairs written to {path}; train with: diffpo train --config FILE data.source={path}")
     return 0
 
 
@@ -33,6 +37,7 @@ def register_cli(sub) -> None:
     p.add_argument("--chosen", required=True, type=Path, help="folder of target images (style, subject, safe content)")
     p.add_argument("--prompts", required=True, help="'captions' (sidecar .txt per image), a .jsonl (file, prompt) or a text file (one prompt per image, or one for all)")
     p.add_argument("--rejected-prompts", default=None, help="prompts for the rejected generations (default: --prompts), e.g. the class prompt for personalization")
+    p.add_argument("--per-image", type=int, default=1, help="rejected generations per chosen image (DreamBooth: many class images for a few subject images)")
     p.add_argument("--base", required=True, help="base model: hub id, local folder, toy:base or tiny:sd")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,8 @@ def resize_shorter(image: Image.Image, size: int) -> Image.Image:
 
 
 class PairDataset(Dataset):
-    """Yields ``{"pixels_w", "pixels_l", "prompt"}``; randomness depends only on (seed, epoch, index).
+    """Yields ``{"pixels_w", "pixels_l", "prompt", "rejected_prompt"}`` (the latter is the pair's
+    prompt unless the record names another); randomness depends only on (seed, epoch, index).
 
     Both images are resized so their shorter side is ``resolution``, then cropped at the same
     offset and flipped together, so the pair stays comparable (the papers' scripts do the same).
@@ -66,7 +67,8 @@ class PairDataset(Dataset):
             if flip:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             tensors.append(to_tensor(image))
-        return {"pixels_w": tensors[0], "pixels_l": tensors[1], "prompt": record.prompt, "index": index}
+        rejected_prompt = record.rejected_prompt or record.prompt
+        return {"pixels_w": tensors[0], "pixels_l": tensors[1], "prompt": record.prompt, "rejected_prompt": rejected_prompt, "index": index}
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -74,5 +76,6 @@ def collate_pairs(items: list[dict]) -> dict:
         "pixels_w": torch.stack([it["pixels_w"] for it in items]),
         "pixels_l": torch.stack([it["pixels_l"] for it in items]),
         "prompts": [it["prompt"] for it in items],
+        "rejected_prompts": [it["rejected_prompt"] for it in items],
         "indices": torch.tensor([it["index"] for it in items]),
     }

@@ -44,21 +44,21 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
-def read_prompts(spec: str, images: Sequence[Path]) -> list[str]:
+def read_prompts(spec: str, images: Sequence[Path], option: str = "--prompts") -> list[str]:
     """``captions`` -> a sidecar ``<stem>.txt`` per image; a ``.jsonl`` with ``file`` and ``prompt``;
     otherwise a text file with one prompt per image (same order as the sorted file names), or one
-    prompt for all images."""
+    prompt for all images. ``option`` names the flag in error messages."""
     if spec == "captions":
         prompts = []
         for path in images:
             caption = path.with_suffix(".txt")
             if not caption.is_file():
-                raise DataError(f"--prompts captions: no caption file {caption} for {path.name}")
+                raise DataError(f"{option} captions: no caption file {caption} for {path.name}")
             prompts.append(caption.read_text().strip())
     else:
         source = Path(spec)
         if not source.is_file():
-            raise DataError(f"--prompts: no such file: {spec}")
+            raise DataError(f"{option}: no such file: {spec}")
         if source.suffix == ".jsonl":
             by_file = {}
             for n, line in enumerate(source.read_text().splitlines(), 1):
@@ -82,7 +82,7 @@ def read_prompts(spec: str, images: Sequence[Path]) -> list[str]:
             prompts = lines
     empty = [images[i].name for i, p in enumerate(prompts) if not p]
     if empty:
-        raise DataError(f"empty prompt for {empty[0]}")
+        raise DataError(f"{option}: empty prompt for {empty[0]}")
     return prompts
 
 
@@ -94,34 +94,44 @@ def _save_atomic(image: Image.Image, path: Path) -> None:
 
 def build_pairs_from_images(
     components, chosen: Sequence[Path], prompts: Sequence[str], out_dir: str | Path, *, seed: int = 0,
-    rejected_prompts: Sequence[str] | None = None, sampler: dict | None = None, batch_size: int = 64,
+    rejected_prompts: Sequence[str] | None = None, per_image: int = 1, sampler: dict | None = None, batch_size: int = 64,
     device: str = "cpu", progress: bool = True,
 ) -> Path:
     """Generate the missing rejected images and write ``out_dir/pairs.jsonl``.
 
     ``rejected_prompts`` (default: ``prompts``) lets the rejected image come from another prompt,
-    e.g. the class prompt "a dog" while the pair's prompt is "a sks dog" (personalization).
+    e.g. the class prompt "a dog" while the pair's prompt is "a sks dog" (personalization); such
+    rows record it as ``rejected_prompt``. ``per_image`` pairs each chosen image with that many
+    rejected generations (DreamBooth's ~200 class images for 3-5 subject images); pair
+    ``k = i * per_image + j`` uses seed ``seed + k``, so ``per_image=1`` is one pair per image.
     """
     from diffpo.sampling import generate
 
     if len(chosen) != len(prompts):
         raise DataError(f"{len(prompts)} prompts for {len(chosen)} chosen images")
+    if rejected_prompts is not None and len(rejected_prompts) != len(chosen):
+        raise DataError(f"{len(rejected_prompts)} rejected prompts for {len(chosen)} chosen images")
+    if per_image < 1:
+        raise DataError(f"--per-image must be >= 1, got {per_image}")
     rejected_prompts = list(rejected_prompts or prompts)
     out_dir = Path(out_dir)
     (out_dir / "rejected").mkdir(parents=True, exist_ok=True)
-    targets = [out_dir / "rejected" / f"{k:05d}_{path.stem}.png" for k, path in enumerate(chosen)]
-    todo = [k for k, target in enumerate(targets) if not target.is_file()]
-    if len(todo) < len(targets):
-        logger.info("resuming: %d of %d rejected images already generated", len(targets) - len(todo), len(targets))
-    with tqdm(total=len(targets), initial=len(targets) - len(todo), desc="generate rejected", unit="img", disable=not progress) as bar:
+    # (chosen index, rejected file) for every pair; the file name carries its seed offset k.
+    items = [(i, out_dir / "rejected" / f"{i * per_image + j:05d}_{path.stem}.png") for i, path in enumerate(chosen) for j in range(per_image)]
+    todo = [k for k, (_, target) in enumerate(items) if not target.is_file()]
+    if len(todo) < len(items):
+        logger.info("resuming: %d of %d rejected images already generated", len(items) - len(todo), len(items))
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc="generate rejected", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            images = generate(components, [rejected_prompts[k] for k in batch], [seed + k for k in batch], device=device, progress=False, batch_size=batch_size, **(sampler or {}))
+            images = generate(components, [rejected_prompts[items[k][0]] for k in batch], [seed + k for k in batch], device=device, progress=False, batch_size=batch_size, **(sampler or {}))
             for k, image in zip(batch, images):
-                _save_atomic(image, targets[k])
+                _save_atomic(image, items[k][1])
             bar.update(len(batch))
-    rows = [
-        {"prompt": prompt, "chosen": os.path.relpath(Path(path).resolve(), out_dir.resolve()), "rejected": f"rejected/{target.name}", "seed": seed + k}
-        for k, (path, prompt, target) in enumerate(zip(chosen, prompts, targets))
-    ]
+    rows = []
+    for k, (i, target) in enumerate(items):
+        row = {"prompt": prompts[i], "chosen": os.path.relpath(Path(chosen[i]).resolve(), out_dir.resolve()), "rejected": f"rejected/{target.name}", "seed": seed + k}
+        if rejected_prompts[i] != prompts[i]:
+            row["rejected_prompt"] = rejected_prompts[i]
+        rows.append(row)
     return write_manifest(out_dir, rows)

@@ -4,7 +4,10 @@ Two on-disk formats:
 
 * **manifest**: a JSONL file (or a folder holding ``pairs.jsonl``), one pair a line:
   ``{"prompt": "...", "chosen": "img/a.png", "rejected": "img/b.png"}``; image paths are relative
-  to the manifest's folder. Every diffpo tool that writes pairs writes this format.
+  to the manifest's folder. Every diffpo tool that writes pairs writes this format. An optional
+  ``rejected_prompt`` says what the rejected image was generated from when that differs from the
+  pair's prompt (personalization: the class prompt); only objectives that condition the loser on
+  it (DreamBooth's prior preservation) use it.
 * **pickapic**: a datasets-library table (hub id, parquet/arrow files, a ``save_to_disk`` folder or
   a JSON/JSONL table) in the Pick-a-Pic schema: ``caption``, ``jpg_0``, ``jpg_1`` (encoded image
   bytes) and ``label_0`` in {1, 0, 0.5} (1: image 0 preferred, 0: image 1 preferred, 0.5: tie).
@@ -47,6 +50,9 @@ class PairRecord:
     chosen: str | bytes
     rejected: str | bytes
     row: int
+    rejected_prompt: str | None = None
+    """The prompt the rejected image belongs to, when it is not ``prompt`` (manifest key
+    ``rejected_prompt``); None otherwise."""
 
     def open(self, which: str) -> Image.Image:
         return open_image(getattr(self, which))
@@ -97,11 +103,11 @@ def _image_ref(value: Any) -> str | bytes | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Raw rows from each source kind: (row index, prompt, image_0, image_1, label_0)
+# Raw rows from each source kind: (row index, prompt, image_0, image_1, label_0, rejected_prompt)
 # ----------------------------------------------------------------------------------------------
 
 
-def _manifest_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any, Any]]:
+def _manifest_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any, Any, Any]]:
     base = path.parent
     with path.open() as handle:
         for i, line in enumerate(handle):
@@ -110,15 +116,15 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any, Any]]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as err:
-                yield i, None, None, None, f"not valid JSON ({err.msg})"
+                yield i, None, None, None, f"not valid JSON ({err.msg})", None
                 continue
             if not isinstance(item, dict):
-                yield i, None, None, None, "not a JSON object"
+                yield i, None, None, None, "not a JSON object", None
                 continue
             chosen, rejected = item.get("chosen"), item.get("rejected")
             chosen = str(base / chosen) if isinstance(chosen, str) else chosen
             rejected = str(base / rejected) if isinstance(rejected, str) else rejected
-            yield i, item.get("prompt"), chosen, rejected, 1.0
+            yield i, item.get("prompt"), chosen, rejected, 1.0, item.get("rejected_prompt")
 
 
 _LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow", ".csv"}
@@ -151,7 +157,7 @@ def _open_table(source: str, split: str):
         raise DataError(f"cannot load dataset '{source}' (split '{split}'): {err}") from None
 
 
-def _table_rows(table, columns: dict[str, str], source: str) -> Iterator[tuple[int, Any, Any, Any, Any]]:
+def _table_rows(table, columns: dict[str, str], source: str) -> Iterator[tuple[int, Any, Any, Any, Any, None]]:
     import datasets
 
     missing = [c for c in columns.values() if c not in table.column_names]
@@ -161,7 +167,7 @@ def _table_rows(table, columns: dict[str, str], source: str) -> Iterator[tuple[i
         if isinstance(table.features.get(columns[key]), datasets.Image):
             table = table.cast_column(columns[key], datasets.Image(decode=False))
     for i, item in enumerate(table):
-        yield i, item[columns["caption"]], _image_ref(item[columns["image_0"]]), _image_ref(item[columns["image_1"]]), item[columns["label_0"]]
+        yield i, item[columns["caption"]], _image_ref(item[columns["image_0"]]), _image_ref(item[columns["image_1"]]), item[columns["label_0"]], None
 
 
 def _detect_format(source: str) -> str:
@@ -179,7 +185,7 @@ def _detect_format(source: str) -> str:
     return "pickapic"
 
 
-def _raw_rows(cfg: DataConfig) -> Iterable[tuple[int, Any, Any, Any, Any]]:
+def _raw_rows(cfg: DataConfig) -> Iterable[tuple[int, Any, Any, Any, Any, Any]]:
     fmt = _detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     if fmt == "manifest":
         path = Path(cfg.source)
@@ -198,11 +204,13 @@ def _raw_rows(cfg: DataConfig) -> Iterable[tuple[int, Any, Any, Any, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _row_problem(prompt: Any, image_0: Any, image_1: Any, label: Any) -> str | None:
+def _row_problem(prompt: Any, image_0: Any, image_1: Any, label: Any, rejected_prompt: Any = None) -> str | None:
     if isinstance(label, str) and label.startswith("not "):  # a parse error passed through
         return label
     if not isinstance(prompt, str) or not prompt.strip():
         return "missing caption"
+    if rejected_prompt is not None and (not isinstance(rejected_prompt, str) or not rejected_prompt.strip()):
+        return f"rejected_prompt {rejected_prompt!r} is not a non-empty string"
     try:
         label = float(label)
     except (TypeError, ValueError):
@@ -221,9 +229,9 @@ def load_pair_records(cfg: DataConfig, seed: int = 0) -> tuple[list[PairRecord],
     report = LoadReport(source=cfg.source)
     tie_rng = random.Random(seed)
     records: list[PairRecord] = []
-    for row, prompt, image_0, image_1, label in _raw_rows(cfg):
+    for row, prompt, image_0, image_1, label, rejected_prompt in _raw_rows(cfg):
         report.rows += 1
-        problem = _row_problem(prompt, image_0, image_1, label)
+        problem = _row_problem(prompt, image_0, image_1, label, rejected_prompt)
         if problem:
             message = f"{cfg.source}, row {row}: {problem}"
             if cfg.strict:
@@ -240,7 +248,8 @@ def load_pair_records(cfg: DataConfig, seed: int = 0) -> tuple[list[PairRecord],
                 continue
             label = float(tie_rng.random() < 0.5)
         chosen, rejected = (image_0, image_1) if label == 1.0 else (image_1, image_0)
-        records.append(PairRecord(prompt=prompt.strip(), chosen=chosen, rejected=rejected, row=row))
+        rejected_prompt = rejected_prompt.strip() if rejected_prompt is not None else None
+        records.append(PairRecord(prompt=prompt.strip(), chosen=chosen, rejected=rejected, row=row, rejected_prompt=rejected_prompt))
         if cfg.max_pairs is not None and len(records) >= cfg.max_pairs:
             break
     report.kept = len(records)

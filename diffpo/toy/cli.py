@@ -47,6 +47,52 @@ def register_cli(sub) -> None:
     _add_experiment_args(p)
     p.set_defaults(func=cmd_compare)
 
+    from diffpo.toy.personalize import PersonalizeSettings
+
+    d = PersonalizeSettings()
+    p = toy_sub.add_parser("personalize", help="DreamBooth vs MaPO teaching the base a new subject (a star named 'sks'); a report with 95%% CIs")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seeds", default="0,1,2", help="one pair set and one run per method for each seed")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.learning_rate)
+    p.add_argument("--class-images", type=int, default=d.class_images, help="class-prior images per subject image")
+    p.add_argument("--prior-weight", type=float, default=d.prior_weight, help="DreamBooth's lambda")
+    p.add_argument("--mapo-beta", type=float, default=d.mapo_beta)
+    p.add_argument("--eval-per-prompt", type=int, default=d.eval_per_prompt)
+    p.add_argument("--drift-per-prompt", type=int, default=d.drift_per_prompt)
+    p.add_argument("--inference-steps", type=int, default=d.num_inference_steps, help="DDIM steps for class images and evaluation")
+    p.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first K prompts of each set (smoke runs)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--base", default=None, help="base model folder (default: the committed toy base)")
+    p.set_defaults(func=cmd_personalize)
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from diffpo.toy.personalize import PersonalizeSettings, format_summary, run_personalization
+
+    from diffpo.config import ConfigError
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: use comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {args.seeds!r}: a seed is repeated")
+    settings = PersonalizeSettings(
+        class_images=args.class_images, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, prior_weight=args.prior_weight,
+        mapo_beta=args.mapo_beta, eval_per_prompt=args.eval_per_prompt, drift_per_prompt=args.drift_per_prompt,
+        num_inference_steps=args.inference_steps, max_prompts=args.max_prompts, device=args.device,
+    )
+    command = "diffpo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name in ("diffpo", "__main__.py") else ""
+    report = run_personalization(args.out, seeds, settings, base=args.base, command=command)
+    print(format_summary(report))
+    print(f"Report: {args.out / 'report.md'}")
+    return 0
+
 
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     from diffpo.toy.demo import DemoSettings

@@ -55,25 +55,31 @@ def build_style_pairs(
 ) -> Path:
     """Chosen = style renders, rejected = base samples; returns the manifest path.
 
-    Built through ``diffpo pairs from-images`` (``build_pairs_from_images``): the renders are the
-    user's "target images", so the testbed exercises the same path as a real style dataset.
+    Built the way a user builds a style dataset with ``diffpo pairs from-images --chosen
+    out_dir/chosen --prompts captions``: the renders are written to a folder with a caption file
+    each, read back through ``list_images``/``read_prompts`` and handed to
+    ``build_pairs_from_images``, so the testbed exercises that path end to end. Render k and
+    rejected sample k both use seed ``seed * 100_000 + k`` (the seeds the task has always used).
     """
-    from diffpo.data.from_images import build_pairs_from_images
+    from diffpo.data.from_images import build_pairs_from_images, list_images, read_prompts
+    from diffpo.data.pairs import DataError
 
     if style not in STYLES or style == "solid":
         raise ValueError(f"style task needs a new style: one of {[s for s in STYLES if s != 'solid']}, got {style!r}")
     out_dir = Path(out_dir)
-    (out_dir / "chosen").mkdir(parents=True, exist_ok=True)
+    folder = out_dir / "chosen"
+    folder.mkdir(parents=True, exist_ok=True)
     first_seed = seed * 100_000
     items = [p for p in prompts for _ in range(per_prompt)]
-    chosen = []
     for k, prompt in enumerate(items):
-        path = out_dir / "chosen" / f"{k:05d}.png"
-        render(prompt, style=style, severity=severity, seed=first_seed + k).save(path)
-        chosen.append(path)
+        render(prompt, style=style, severity=severity, seed=first_seed + k).save(folder / f"{k:05d}.png")
+        (folder / f"{k:05d}.txt").write_text(prompt.text + "\n")
+    chosen = list_images(folder)
+    if len(chosen) != len(items):  # a folder reused from a larger task would add stale images
+        raise DataError(f"{folder}: {len(chosen)} images, expected the {len(items)} just rendered; use a fresh out_dir")
     settings = sampler.as_dict()
     return build_pairs_from_images(
-        components, chosen, [p.text for p in items], out_dir, seed=first_seed, batch_size=settings.pop("batch_size"),
+        components, chosen, read_prompts("captions", chosen), out_dir, seed=first_seed, batch_size=settings.pop("batch_size"),
         sampler=settings, device=device, progress=progress,
     )
 

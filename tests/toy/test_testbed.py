@@ -8,6 +8,7 @@ import pytest
 from diffpo.config import DataConfig, ModelConfig
 from diffpo.data import load_pair_records
 from diffpo.models import load_components, resolve_pretrained
+from diffpo.sampling import generate
 from diffpo.toy.base import ASSET_DIR
 from diffpo.toy.grammar import ShapePrompt, all_prompts
 from diffpo.toy.render import render
@@ -72,6 +73,15 @@ def test_style_pairs_in_manifest_format(base, tmp_path):
     chosen, rejected = records[0].open("chosen"), records[0].open("rejected")
     assert chosen.size == rejected.size == (32, 32)
     assert thinness(chosen) > 0.9  # the new style
+    # Built through from-images: a folder of renders with caption files, as a user would supply ...
+    assert (tmp_path / "chosen" / "00003.txt").read_text().strip() == prompts[1].text
+    # ... and the same pairs the task always made: render k and rejected sample k use seed k (seed 0).
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["seed"] for r in rows] == list(range(6)) and "rejected_prompt" not in rows[0]
+    assert np.array_equal(np.asarray(records[3].open("chosen")), np.asarray(render(prompts[1], style="outline", severity=1.0, seed=3)))
+    direct = generate(base, [prompts[1].text], [3], progress=False, **FAST.as_dict())[0]
+    gap = np.abs(np.asarray(records[3].open("rejected"), dtype=int) - np.asarray(direct, dtype=int))
+    assert gap.max() <= 2  # batch-of-6 vs batch-of-1 float rounding only
     with pytest.raises(ValueError, match="needs a new style"):
         build_style_pairs(base, tmp_path, prompts, per_prompt=1, style="solid", sampler=FAST, progress=False)
 
