@@ -181,6 +181,12 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     started = time.perf_counter()
     output_dir = Path(cfg.output_dir)
     tc = cfg.train
+    # accelerate keeps one AcceleratorState per process: a second run in the same process (a
+    # notebook, the toy comparison) may ask for another precision. The distributed part
+    # (PartialState: ranks, process group) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         # Windows may span epochs: the step count must not depend on where an epoch ends.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=tc.gradient_accumulation_steps, sync_with_dataloader=False),
