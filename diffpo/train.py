@@ -29,7 +29,7 @@ from diffpo.cache import CachedPairDataset, check_meta, collate_cached
 from diffpo.checkpoint import list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
-from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer, to_channels_last
+from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer
 from diffpo.losses import LossSpec, get_loss
 from diffpo.models import Components, Reference, add_lora, load_components, resolve_family, trainable_parameters
 from diffpo.objectives import noise_pairs, per_sample_error, sample_latents, split_pairs
@@ -246,7 +246,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         # The float32 masters are made from the weights where they will live (the device).
         network.to(accelerator.device, dtype=torch.bfloat16)
     if tc.channels_last:
-        to_channels_last(network)
+        network.to(memory_format=torch.channels_last)
     compile_network(network, tc.compile)
     if reference is not None and reference.frozen is not None:
         compile_network(reference.frozen, tc.compile)
@@ -267,7 +267,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     dataloader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=True)
     network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
     # FSDP2 replaces the parameters by sharded DTensors: clip (and count) the prepared ones
-    params = [p for p in network.parameters() if p.requires_grad]
+    params = trainable_parameters(network)
 
     # Resume: restore model/optimizer/scheduler/RNG, then skip the micro-batches already seen.
     step, skipped_total = 0, 0

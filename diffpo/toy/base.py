@@ -149,16 +149,24 @@ def pretrain(
     return out_dir
 
 
-def measure_faithfulness(model_path: str | Path, *, per_prompt: int = 8, steps: int = 10, guidance_scale: float = 3.0, device: str = "cpu", progress: bool = False, **sampler) -> dict[str, float]:
-    """Color/shape/background accuracy of the model's samples over every base prompt."""
+def load_toy_model(model_path: str | Path, device: str = "cpu"):
+    """A shapes-world model folder (the committed base, or a tuned one) as ``Components`` ready to
+    sample on ``device`` (pixel space: no VAE to move)."""
     from diffpo.config import ModelConfig
     from diffpo.models import load_components
-    from diffpo.sampling import generate
-    from diffpo.toy.checker import faithfulness
 
     components = load_components(ModelConfig(pretrained=str(model_path), family="sd"))
     for module in (components.network, *components.text_encoders):
         module.to(device)
+    return components
+
+
+def measure_faithfulness(model_path: str | Path, *, per_prompt: int = 8, steps: int = 10, guidance_scale: float = 3.0, device: str = "cpu", progress: bool = False, **sampler) -> dict[str, float]:
+    """Color/shape/background accuracy of the model's samples over every base prompt."""
+    from diffpo.sampling import generate
+    from diffpo.toy.checker import faithfulness
+
+    components = load_toy_model(model_path, device)
     prompts = [p for p in all_prompts(shapes=SHAPES) for _ in range(per_prompt)]
     seeds = list(range(len(prompts)))
     images = generate(components, [p.text for p in prompts], seeds, num_inference_steps=steps, guidance_scale=guidance_scale, device=device, progress=progress, batch_size=256, **sampler)

@@ -50,18 +50,14 @@ def _run_seed(job: tuple) -> list[dict]:
 
 
 def _run_setting(out, text: str, losses: list[str], seed: int, base_settings: DemoSettings, base: str, collect_only: bool = False) -> list[dict]:
-    from diffpo.config import ModelConfig
-    from diffpo.models import load_components
+    from diffpo.toy.base import load_toy_model
 
     reports = []
     settings = replace(parse_setting(text, base_settings), seed=seed)
     setting_dir = Path(out) / text.replace(":", "_") / f"seed{seed}"
     pairs = setting_dir / "pairs" / ("pairs.jsonl" if settings.task == "style" else "pairs.parquet")
     if not pairs.is_file() and not collect_only:
-        components = load_components(ModelConfig(pretrained=base, family="sd"))
-        for module in (components.network, *components.text_encoders):
-            module.to(settings.device)
-        pairs = build_pairs(settings, components, setting_dir / "pairs", progress=False)
+        pairs = build_pairs(settings, load_toy_model(base, settings.device), setting_dir / "pairs", progress=False)
     for loss in losses:
         run_dir = setting_dir / loss
         done = run_dir / "report.json"

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffpo.config import ModelConfig, config_from_dict
-from diffpo.models import load_components
-from diffpo.toy.base import ASSET_DIR
+from diffpo.config import config_from_dict
+from diffpo.toy.base import ASSET_DIR, load_toy_model
 from diffpo.toy.evaluate import evaluate_toy, task_scorer
 from diffpo.toy.tasks import TASKS, Sampler, build_reward_pairs, build_style_pairs, prompt_split
 
@@ -134,10 +133,7 @@ def run_experiment(settings: DemoSettings, out: Path, *, base: str | None = None
 
     t0 = time.perf_counter()
     if pairs is None:
-        components = load_components(ModelConfig(pretrained=base, family="sd"))
-        for module in (components.network, *components.text_encoders):
-            module.to(settings.device)
-        pairs = build_pairs(settings, components, out / "pairs", progress=progress)
+        pairs = build_pairs(settings, load_toy_model(base, settings.device), out / "pairs", progress=progress)
     seconds_pairs = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -275,16 +275,6 @@ def summarize_runs(base_metrics: dict[str, np.ndarray], runs: dict[str, dict[int
 # ----------------------------------------------------------------------------------------------
 
 
-def _load(path: str, device: str):
-    from diffpo.config import ModelConfig
-    from diffpo.models import load_components
-
-    components = load_components(ModelConfig(pretrained=path, family="sd"))
-    for module in (components.network, *components.text_encoders):
-        module.to(device)
-    return components
-
-
 def _machine() -> dict:
     import os
 
@@ -309,7 +299,7 @@ def run_personalization(out: Path, seeds: Sequence[int], settings: PersonalizeSe
     from tqdm.auto import tqdm
 
     from diffpo.config import config_from_dict
-    from diffpo.toy.base import ASSET_DIR
+    from diffpo.toy.base import ASSET_DIR, load_toy_model
     from diffpo.train import train
 
     started = time.perf_counter()
@@ -321,7 +311,7 @@ def run_personalization(out: Path, seeds: Sequence[int], settings: PersonalizeSe
     per = {"subject": settings.eval_per_prompt, "seen": half, "class": half, "base": settings.drift_per_prompt}
     groups_by_set = {name: np.repeat(np.arange(len(prompts)), per[name]) for name, prompts in sets.items()}
 
-    base_components = _load(base, settings.device)
+    base_components = load_toy_model(base, settings.device)
     base_samples = {name: sample_set(base_components, prompts, per[name], settings) for name, prompts in sets.items()}
     base_metrics = per_image_metrics(base_samples, None)
     runs: dict[str, dict[int, dict[str, np.ndarray]]] = {m: {} for m in METHODS}
@@ -337,7 +327,7 @@ def run_personalization(out: Path, seeds: Sequence[int], settings: PersonalizeSe
             shutil.rmtree(run_dir, ignore_errors=True)
             result = train(config_from_dict(train_config(method, settings, pairs, run_dir, base, seed)))
             seconds_train[method].append(result.seconds)
-            tuned = _load(str(result.final_dir), settings.device)
+            tuned = load_toy_model(result.final_dir, settings.device)
             samples = {name: sample_set(tuned, prompts, per[name], settings) for name, prompts in sets.items()}
             runs[method][seed] = per_image_metrics(samples, base_samples)
             if seed == seeds[0]:
