@@ -63,10 +63,10 @@ def write_eval_folder(out: Path, prompts: list[str], images_per_prompt: int = 2)
     from diffpo.evaluate import run as run_module
 
     def fake_generate(components, prompts, seeds, **kwargs):
-        shade = 0 if components.source == "base" else 1
+        shade = 1 if "LoRA" in components.source else 0
         return [shape_image(list(COLORS)[(s + shade + len(p)) % 4], "circle" if (s + shade) % 2 else "square", (s * 3 + shade) % 5) for p, s in zip(prompts, seeds)]
 
-    models = [SimpleNamespace(source=name, extras={}, network=torch.nn.Identity(), frozen_modules=lambda: []) for name in ("base", "tuned")]
+    models = [SimpleNamespace(source=name, extras={}, network=torch.nn.Identity(), frozen_modules=lambda: []) for name in ("toy:base", "toy:base + LoRA runs/mapo/final/pytorch_lora_weights.safetensors")]
     mp = pytest.MonkeyPatch()
     mp.setattr(run_module, "generate", fake_generate)
     try:
