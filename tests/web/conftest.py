@@ -63,8 +63,15 @@ def write_eval_folder(out: Path, prompts: list[str], images_per_prompt: int = 2)
     from diffpo.evaluate import run as run_module
 
     def fake_generate(components, prompts, seeds, **kwargs):
-        shade = 1 if "LoRA" in components.source else 0
-        return [shape_image(list(COLORS)[(s + shade + len(p)) % 4], "circle" if (s + shade) % 2 else "square", (s * 3 + shade) % 5) for p, s in zip(prompts, seeds)]
+        """Draws the prompt's shape; the base model gets the colour wrong for odd seeds, the tuned one never."""
+        tuned = "LoRA" in components.source
+        images = []
+        for prompt, seed in zip(prompts, seeds):
+            color = next(c for c in COLORS if c in prompt)
+            if not tuned and seed % 2:
+                color = list(COLORS)[(list(COLORS).index(color) + 1) % len(COLORS)]
+            images.append(shape_image(color, "circle" if "circle" in prompt else "square", (seed * 3 + tuned) % 5))
+        return images
 
     models = [SimpleNamespace(source=name, extras={}, network=torch.nn.Identity(), frozen_modules=lambda: []) for name in ("toy:base", "toy:base + LoRA runs/mapo/final/pytorch_lora_weights.safetensors")]
     mp = pytest.MonkeyPatch()

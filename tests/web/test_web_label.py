@@ -208,3 +208,10 @@ def test_pairs_candidates_writes_what_label_reads(tmp_path, monkeypatch):
     assert session.state()["task"]["id"] == "00000" and session.state()["answered"] == 1
     assert [(r["chosen"], r["rejected"]) for r in rows(tmp_path / "pairs" / "pairs.jsonl")] == [
         ("../cands/images/00001_01.png", "../cands/images/00001_00.png"), ("../cands/images/00001_01.png", "../cands/images/00001_02.png")]
+    # A restarted session has no history of its own: undo takes the manifest's last answer back.
+    restarted = LabelSession(candidates.from_jsonl(out / "candidates.jsonl"), tmp_path / "pairs")
+    assert restarted.state()["task"]["id"] == "00000" and restarted.state()["can_undo"]
+    assert restarted.undo() == "00001"
+    assert restarted.state()["task"]["id"] == "00001" and restarted.state()["answered"] == 0
+    assert (tmp_path / "pairs" / "pairs.jsonl").read_text() == ""
+    assert restarted.undo() is None and not restarted.state()["can_undo"]
