@@ -116,6 +116,8 @@ def create_app(session: LabelSession) -> Starlette:
         return JSONResponse(session.state())
 
     async def act(request: Request, action) -> JSONResponse:
+        if not _is_json(request):
+            return _not_json()
         try:
             body = await request.json()
             if not isinstance(body, dict) or not isinstance(body.get("task"), str):
@@ -137,6 +139,8 @@ def create_app(session: LabelSession) -> Starlette:
         return await act(request, lambda body: session.skip(body["task"]))
 
     async def undo(request: Request):
+        if not _is_json(request):
+            return _not_json()
         session.undo()
         return JSONResponse(session.state())
 
@@ -151,6 +155,17 @@ def create_app(session: LabelSession) -> Starlette:
         Route("/api/undo", undo, methods=["POST"]),
         Route("/images/{path:path}", image),
     ])
+
+
+def _is_json(request: Request) -> bool:
+    """Changes must come as application/json: a browser sends that type across origins only after
+    a CORS preflight, which this app does not answer, so another web page open in the same browser
+    cannot write to the manifest (a plain form or text/plain POST would need no preflight)."""
+    return request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+
+def _not_json() -> JSONResponse:
+    return JSONResponse({"error": "send application/json"}, status_code=415)
 
 
 def _index(choice) -> int:

@@ -44,6 +44,12 @@ def serve(app, host: str, port: int, name: str) -> int:
     if not _is_loopback(host):
         logger.warning("listening on %s: anyone who can reach this machine can open the page and its images", host)
     print(f"diffpo {name}: open http://{shown}:{actual}/  (Ctrl-C stops)", flush=True)
+    if host in ("127.0.0.1", "localhost"):
+        # Answer only requests addressed to this machine by name: a DNS-rebinding page (evil.example
+        # resolving to 127.0.0.1) sends its own host name and is refused.
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app = TrustedHostMiddleware(app, allowed_hosts=["127.0.0.1", "localhost"])
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     try:
         server.run(sockets=[sock])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -159,6 +160,13 @@ def test_a_labelled_manifest_trains_unchanged(tmp_path, serve, monkeypatch, capl
     source = write_candidate_folder(tmp_path / "cands", 3, 3)
     out = tmp_path / "pairs" / "hand"
     server = serve("label", "--images", str(source), "--out", str(out))
+    # Writes need application/json (no cross-site form post) and a local Host header (no DNS rebinding).
+    for headers, status in (({"Content-Type": "text/plain"}, 415), ({"Content-Type": "application/json", "Host": "evil.example"}, 400)):
+        request = urllib.request.Request(f"{server.url}/api/answer", data=b'{"task": "p00", "choice": 0}', method="POST", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == status
+    assert not (out / "pairs.jsonl").exists() or (out / "pairs.jsonl").read_text() == ""
     for task, choice in (("p00", 2), ("p01", "tie"), ("p02", 0)):
         state = post(f"{server.url}/api/answer", {"task": task, "choice": choice})
     assert state["task"] is None and state["answered"] == state["total"] == 3
