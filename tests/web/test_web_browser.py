@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import REPO, write_candidate_folder, write_eval_folder
+from web_helpers import REPO, browser, chromium_path, serve, write_candidate_folder, write_eval_folder  # noqa: F401 - fixtures
 
 from diffpo.config import DataConfig
 from diffpo.data import load_pair_records

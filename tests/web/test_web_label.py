@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import shape_image, write_candidate_folder
+from web_helpers import serve, shape_image, write_candidate_folder  # noqa: F401 - serve is a fixture
 
 from diffpo.cli import main
 from diffpo.config import DataConfig
@@ -223,3 +223,11 @@ def test_pairs_candidates_writes_what_label_reads(tmp_path, monkeypatch):
     assert restarted.state()["task"]["id"] == "00001" and restarted.state()["answered"] == 0
     assert (tmp_path / "pairs" / "pairs.jsonl").read_text() == ""
     assert restarted.undo() is None and not restarted.state()["can_undo"]
+
+
+def test_view_and_label_input_errors_are_one_line(tmp_path, capsys):
+    assert main(["view", str(tmp_path)]) == 2
+    assert "no results.json (expected the --out folder of diffpo eval)" in capsys.readouterr().err
+    assert main(["label", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--images: no such folder" in err and "Traceback" not in err

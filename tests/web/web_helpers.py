@@ -1,4 +1,8 @@
-"""Helpers for the web tests: candidate folders, a real evaluation folder, the CLI as a server."""
+"""Helpers for the web tests: candidate folders, a real evaluation folder, the CLI as a server.
+
+Not a conftest.py: the suite's tests import helpers with `from conftest import ...`, and a second
+conftest module would take that name. Test modules import the fixtures below by name.
+"""
 
 from __future__ import annotations
 
