@@ -96,7 +96,7 @@ _EXTRA_COMMANDS: list = []
 def _load_extra_commands() -> None:
     import importlib
 
-    for module in ("diffpo.toy.cli", "diffpo.evaluate.cli", "diffpo.data.cli", "diffpo.cache"):
+    for module in ("diffpo.toy.cli", "diffpo.evaluate.cli", "diffpo.data.cli", "diffpo.cache", "diffpo.web.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -9,3 +9,14 @@ fi
 # torch first: a plain 'torch' requirement with no torch installed pulls several GB of CUDA wheels.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
 .venv/bin/pip install -q -e ".[test]"
+# The browser tests (tests/web) drive the system Chromium through Playwright; take it from the OS
+# packages, never from Playwright's own browser download (`playwright install`).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium (Debian package) for the browser tests"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: no chromium found and cannot apt-get install it (not root); the browser tests will be skipped" >&2
+  fi
+fi

@@ -1,4 +1,5 @@
-"""``diffpo pairs from-images``: a folder of target images -> a pair dataset the trainer reads."""
+"""``diffpo pairs from-images``: a folder of target images -> a pair dataset the trainer reads;
+``diffpo pairs candidates``: N samples per prompt, to label by hand with ``diffpo label``."""
 
 from __future__ import annotations
 
@@ -30,6 +31,26 @@ def cmd_from_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_candidates(args: argparse.Namespace) -> int:
+    from diffpo.config import ModelConfig
+    from diffpo.data.candidates import write_candidates
+    from diffpo.data.pairs import DataError
+    from diffpo.evaluate.prompts import load_prompts
+    from diffpo.models import load_components
+
+    if args.per_prompt < 2:  # checked before the model loads
+        raise DataError(f"--per-prompt must be >= 2 (candidates are compared), got {args.per_prompt}")
+    prompts = load_prompts(args.prompts)[: args.max_prompts]
+    components = load_components(ModelConfig(pretrained=args.base))
+    for module in (components.network, *components.frozen_modules()):
+        module.to(args.device)
+    sampler = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "resolution": args.resolution}
+    path = write_candidates(components, prompts, args.out, per_prompt=args.per_prompt, seed=args.seed, sampler=sampler,
+                            batch_size=args.batch_size, device=args.device)
+    print(f"{len(prompts)} prompts x {args.per_prompt} candidates written to {path}; label them with: diffpo label --candidates {path} --out pairs/NAME")
+    return 0
+
+
 def register_cli(sub) -> None:
     pairs = sub.add_parser("pairs", help="build preference pair datasets")
     pairs_sub = pairs.add_subparsers(dest="pairs_command", required=True)
@@ -47,3 +68,17 @@ def register_cli(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_from_images)
+
+    p = pairs_sub.add_parser("candidates", help="N samples of a model per prompt, to label by hand with diffpo label --candidates")
+    p.add_argument("--base", required=True, help="model: hub id, local folder, toy:base or tiny:sd")
+    p.add_argument("--prompts", required=True, help="a .txt/.jsonl prompt file or a built-in set (as diffpo eval --prompts)")
+    p.add_argument("--per-prompt", type=int, default=2, help="candidates per prompt (default 2: a left/right pair)")
+    p.add_argument("--out", required=True, type=Path, help="folder for images/ and candidates.jsonl")
+    p.add_argument("--max-prompts", type=int, default=None, help="only the first K prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_candidates)

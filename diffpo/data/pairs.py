@@ -7,7 +7,8 @@ Two on-disk formats:
   to the manifest's folder. Every diffpo tool that writes pairs writes this format. An optional
   ``rejected_prompt`` says what the rejected image was generated from when that differs from the
   pair's prompt (personalization: the class prompt); only objectives that condition the loser on
-  it (DreamBooth's prior preservation) use it.
+  it (DreamBooth's prior preservation) use it. A row with ``"tie": true`` (``diffpo label`` writes them)
+  says the two images are equally good: it is read as label 0.5, which ``data.ties`` handles.
 * **pickapic**: a datasets-library table (hub id, parquet/arrow files, a ``save_to_disk`` folder or
   a JSON/JSONL table) in the Pick-a-Pic schema: ``caption``, ``jpg_0``, ``jpg_1`` (encoded image
   bytes) and ``label_0`` in {1, 0, 0.5} (1: image 0 preferred, 0: image 1 preferred, 0.5: tie).
@@ -124,7 +125,9 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any, Any, Any]]:
             chosen, rejected = item.get("chosen"), item.get("rejected")
             chosen = str(base / chosen) if isinstance(chosen, str) else chosen
             rejected = str(base / rejected) if isinstance(rejected, str) else rejected
-            yield i, item.get("prompt"), chosen, rejected, 1.0, item.get("rejected_prompt")
+            # A row marked "tie" (diffpo label) is label 0.5, so data.ties drops or orders it.
+            label = 0.5 if item.get("tie") is True else 1.0
+            yield i, item.get("prompt"), chosen, rejected, label, item.get("rejected_prompt")
 
 
 _LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow", ".csv"}
