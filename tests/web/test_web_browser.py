@@ -3,7 +3,8 @@ Chromium): label with the keyboard, kill the server, restart, check the manifest
 evaluation and check the page shows what its files hold; paths outside the folders are refused.
 
 The servers are the real CLI in subprocesses. The screenshots in the README (docs/img/) are
-taken here.
+taken here: every run takes them (into a temporary folder), and ``DIFFPO_UPDATE_SCREENSHOTS=1``
+writes them to docs/img/ instead, so a plain test run leaves the working tree clean.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from web_helpers import REPO, browser, chromium_path, serve, write_candidate_fol
 from diffpo.config import DataConfig
 from diffpo.data import load_pair_records
 
-SCREENSHOTS = REPO / "docs" / "img"
+
+
+@pytest.fixture
+def screenshots(tmp_path_factory) -> Path:
+    if os.environ.get("DIFFPO_UPDATE_SCREENSHOTS") == "1":
+        return REPO / "docs" / "img"
+    return tmp_path_factory.mktemp("screenshots")
 
 
 def status_of(url: str, raw_path: str) -> int:
@@ -51,7 +58,7 @@ def press(page, key: str, progress: str | None = None, prompt_id: str | None = N
         page.wait_for_function("text => document.getElementById('task-id').textContent === text", arg=f"prompt {prompt_id}", timeout=5000)
 
 
-def test_label_with_keys_survives_a_kill_and_resumes(tmp_path, serve, browser):
+def test_label_with_keys_survives_a_kill_and_resumes(tmp_path, serve, browser, screenshots):
     source = write_candidate_folder(tmp_path / "cands", 6)
     out = tmp_path / "pairs" / "hand"
     server = serve("label", "--images", str(source), "--out", str(out))
@@ -81,8 +88,8 @@ def test_label_with_keys_survives_a_kill_and_resumes(tmp_path, serve, browser):
     page.wait_for_function("document.getElementById('task-id').textContent === 'prompt p03'")
     assert page.inner_text("#progress") == "4 of 6 labelled"
     page.locator("#candidates img").nth(1).evaluate("img => img.complete || new Promise(r => img.onload = r)")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "label.png"))
+    screenshots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screenshots / "label.png"))
     # Only the candidates' folder is served, and only images in it.
     assert status_of(server.url, "/images/p03/c0.png") == 200
     for outside in ("/images/../pairs/hand/pairs.jsonl", "/images/..%2F..%2F..%2Fetc%2Fpasswd", "/images//etc/passwd"):
@@ -115,7 +122,7 @@ def g4(x: float) -> str:
     return format(float(format(x, ".4g")), "g")
 
 
-def test_view_shows_the_evaluation_files(evaluation, serve, browser):
+def test_view_shows_the_evaluation_files(evaluation, serve, browser, screenshots):
     results = json.loads((evaluation / "results.json").read_text())
     scores = [json.loads(line) for line in (evaluation / "scores.jsonl").read_text().splitlines()]
     index = {(r["prompt_index"], r["seed"]): r for r in map(json.loads, (evaluation / "images" / "index.jsonl").read_text().splitlines())}
@@ -163,7 +170,7 @@ def test_view_shows_the_evaluation_files(evaluation, serve, browser):
     assert page.inner_text("#count") == f"showing {sum('circle' in r['prompt'] for r in scores)} of {len(scores)}"
     page.fill("#filter", "")
     page.select_option("#scorer", "brightness")
-    page.screenshot(path=str(SCREENSHOTS / "view.png"))
+    page.screenshot(path=str(screenshots / "view.png"))
     page.close()
 
     # Only the evaluation's images folder is served.
