@@ -415,11 +415,6 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
                 # fp16 overflows while the loss scale is >= 1 are the scaler's normal search for a scale.
                 nonfinite_in_row += skip_reason != "fp16 overflow"
                 logger.warning("step %d: non-finite %s, step skipped (%d in a row)", step, skip_reason, nonfinite_in_row)
-                if nonfinite_in_row >= tc.max_nonfinite_in_row:
-                    raise TrainingError(
-                        f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradients (train.max_nonfinite_in_row); "
-                        f"stopped at step {step}, nothing of them applied. Lower train.learning_rate, or check the data; {last_checkpoint_note(output_dir)}"
-                    )
             record = {"step": step, "lr": lr_scheduler.get_last_lr()[0], "skipped": skip_reason is not None, "skipped_total": skipped_total, "step_seconds": time.perf_counter() - step_started}
             if skip_reason is not None:
                 record["skip_reason"] = skip_reason
@@ -433,6 +428,11 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
                 _append_metrics(metrics_path, record, output_dir)
                 if cfg.logging.report_to != "none":
                     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+            if nonfinite_in_row >= tc.max_nonfinite_in_row:  # after logging: metrics.jsonl shows every skipped step
+                raise TrainingError(
+                    f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradients (train.max_nonfinite_in_row); "
+                    f"stopped at step {step}, nothing of them applied. Lower train.learning_rate, or check the data; {last_checkpoint_note(output_dir)}"
+                )
             progress.update(1)
             progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
             lc = cfg.logging

@@ -470,8 +470,10 @@ def test_resume_with_a_changed_identity_key_is_refused_before_the_model_loads(ch
     out = tmp_path / "run"
     shutil.copytree(reference[0], out)
     before = _snapshot(out)
-    sections = {k: v for k, v in change.items() if k != "train"}
+    sections = {k: v for k, v in change.items() if k not in ("train", "data")}
     cfg = make_cfg(out, pair_dir, **sections, train={**RUN["train"], **change.get("train", {}), "max_steps": 6, "resume": "latest"})
+    for key, value in change.get("data", {}).items():
+        setattr(cfg.data, key, value)
     with pytest.raises(RunFolderError, match=rf"cannot resume .*checkpoint-4: {message}"):
         train(cfg)
     assert _snapshot(out) == before
