@@ -420,7 +420,7 @@ def test_incomplete_foreign_checkpoints_are_ignored_by_latest_and_named_when_ask
     shutil.copytree(reference[0], out)
     (out / "checkpoint-4" / "model.safetensors").unlink()  # e.g. a prune killed by an older diffpo
     shutil.copytree(out / "checkpoint-3", out / "checkpoint-9")
-    (out / "checkpoint-9" / "complete.json").unlink()  # a foreign folder without the marker
+    (out / "checkpoint-9" / "complete.json").unlink(missing_ok=True)  # a foreign folder without the marker
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"]
     with pytest.raises(CheckpointError, match=r"checkpoint-4 is not a complete checkpoint: model.safetensors is missing"):
         train(make_cfg(out, pair_dir, train={"resume": str(out / "checkpoint-4")}))
