@@ -297,6 +297,30 @@ def test_nan_gradients_behind_a_finite_loss_are_never_applied_or_saved(tmp_path,
     assert_finite(out / "checkpoint-2")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling (GradScaler) needs a GPU")
+def test_fp16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(tmp_path, pair_dir, model_cache, monkeypatch):
+    """NaN gradients from step 3 on under fp16: the GradScaler skips each step and halves its scale
+    (65536 -> 1 in 16 steps); only once the scale is below 1 do the skips count towards
+    max_nonfinite_in_row. Nothing is applied or saved meanwhile."""
+    spec = losses_module.LOSSES["mapo"]
+    calls = {"n": 0}
+
+    def poisoned(err_w, err_l, **hp):
+        calls["n"] += 1
+        return spec.fn(_NaNGradient.apply(err_w) if calls["n"] > 2 else err_w, err_l, **hp)
+
+    monkeypatch.setitem(losses_module.LOSSES, "mapo", type(spec)(spec.name, poisoned, spec.needs_reference, spec.hparams))
+    out = tmp_path / "fp16"
+    cfg = make_cfg(out, pair_dir, train={"max_steps": 30, "checkpoint_every": 1, "checkpoints_total_limit": 2, "mixed_precision": "fp16", "max_nonfinite_in_row": 2})
+    with pytest.raises(TrainingError, match=r"stopped at step 20.*checkpoint-2"):
+        train(cfg, cache_dir=model_cache)
+    reasons = [m.get("skip_reason") for m in read_metrics(out)]
+    assert reasons == [None, None] + ["fp16 overflow"] * 16 + ["gradients"] * 2
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert_finite(out / "checkpoint-2")
+    assert not (out / "final").exists()
+
+
 def test_the_issue_repro_lr_1e6_exits_nonzero_without_nan_weights(tmp_path, pair_dir, model_cache, monkeypatch, capsys):
     """`train.learning_rate=1e6 train.lr_warmup_steps=1e6` on tiny:sd with LoRA used to exit 0 with
     an all-NaN final/. Now: exit code 2, one line, no final/, every kept checkpoint finite."""
