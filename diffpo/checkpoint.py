@@ -24,7 +24,7 @@ from typing import Any
 STATE_FILE = "trainer_state.json"
 MARKER_FILE = "complete.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-_LEFTOVER = re.compile(r"^\.checkpoint-\d+\.(tmp|trash)$")
+_LEFTOVER = re.compile(r"^\.checkpoint-\d+\.(tmp|trash|old)$")
 
 
 class CheckpointError(RuntimeError):

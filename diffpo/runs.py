@@ -181,12 +181,16 @@ def prepare_output_dir(output_dir: Path, resume_from: Path | None, overwrite: bo
     - Resuming a checkpoint of ``output_dir``: checkpoints *after* it (and final/, which is theirs)
       belong to an abandoned continuation: they move to ``OUTPUT_DIR/superseded-<time>/`` so that
       neither ``resume=latest`` nor pruning ever picks them.
+    - ``resume=latest`` without a complete checkpoint, in a folder whose run saved nothing (no
+      ``checkpoint-N/``, no ``final/``: it was killed before its first save completed): start over.
     - Otherwise the folder must not hold a run; ``overwrite`` renames it to ``OUTPUT_DIR.old-<time>``.
     """
     if resume_from is not None and output_dir.is_dir() and resume_from.resolve().parent == output_dir.resolve():
         _supersede_later(output_dir, _step_of(resume_from))
         return None
     contents = run_contents(output_dir)
+    if asked_latest and not any(_CHECKPOINT.match(c.rstrip("/")) or c == "final/" for c in contents):
+        return None
     if contents:
         if not overwrite:
             shown = ", ".join(contents[:4]) + (f" and {len(contents) - 4} more" if len(contents) > 4 else "")

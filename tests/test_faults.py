@@ -153,16 +153,16 @@ def reference(tmp_path_factory, pair_dir, model_cache):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", ["first-save", 0, 1, 2])
 def test_sigkill_during_a_save_then_resume_equals_the_uninterrupted_run(seed, tmp_path, pair_dir, model_cache, reference, armed_saves):
     ref_dir, ref_log = reference
-    # The file operations of the four saves, in order (saves 3 and 4 prune). The kill lands on one
-    # of saves 2-4: the first save must complete for there to be something to resume.
+    # The file operations of the four saves, in order (saves 3 and 4 prune). Seeded kills land on
+    # one of saves 2-4; "first-save" kills the first save halfway (nothing to resume: start over).
     saves = [i for i, (event, _) in enumerate(ref_log) if event == "save"]
     total = len(ref_log) - len(saves)
     first_save_ops = saves[1] - 1
-    assert len(saves) == 4 and total > 4 * first_save_ops // 2
-    kill_at = random.Random(seed).randint(first_save_ops + 1, total)
+    assert len(saves) == 4 and total > 2 * first_save_ops
+    kill_at = first_save_ops // 2 if seed == "first-save" else random.Random(seed).randint(first_save_ops + 1, total)
     out = tmp_path / "killed"
     armed_saves["kill_at"] = kill_at
     sig = in_killed_child(lambda: train(make_cfg(out, pair_dir, **RUN), cache_dir=model_cache))
@@ -171,7 +171,7 @@ def test_sigkill_during_a_save_then_resume_equals_the_uninterrupted_run(seed, tm
 
     # What the kill left: complete checkpoints only are listed, each with finite weights.
     complete = list_checkpoints(out)
-    assert complete, "the first save had completed before the kill"
+    assert bool(complete) == (seed != "first-save")
     for checkpoint in complete:
         assert checkpoint_problem(checkpoint) is None
         assert_finite(checkpoint)
