@@ -33,7 +33,7 @@ from diffpo import cli
 from diffpo import losses as losses_module
 from diffpo import runs as runs_module
 from diffpo import train as train_module
-from diffpo.checkpoint import CheckpointError, checkpoint_problem, list_checkpoints, save_checkpoint
+from diffpo.checkpoint import CheckpointError, checkpoint_problem, list_checkpoints, resolve_resume, save_checkpoint
 from diffpo.runs import RunFolderError
 from diffpo.train import TrainingError, train
 
@@ -436,7 +436,9 @@ def test_overwrite_moves_the_other_run_aside_and_latest_then_continues_the_new_o
     assert len(moved) == 1 and _snapshot(moved[0]) == before  # never deleted: moved, byte for byte
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
     assert [m["step"] for m in read_metrics(out)] == [1]
-    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["identity"]["loss.name"] == "sft"
+    latest = resolve_resume("latest", out)  # what resume=latest continues: the new run, not the moved one
+    assert latest == out / "checkpoint-1"
+    assert json.loads((latest / "trainer_state.json").read_text())["identity"]["loss.name"] == "sft"
 
 
 def test_incomplete_foreign_checkpoints_are_ignored_by_latest_and_named_when_asked_for(tmp_path, pair_dir, reference):
