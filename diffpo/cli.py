@@ -16,12 +16,14 @@ from diffpo.config import ConfigError, load_config
 
 
 def _explainable_errors() -> tuple[type[BaseException], ...]:
+    from diffpo.checkpoint import CheckpointError
     from diffpo.data import DataError
     from diffpo.evaluate.run import EvalError
     from diffpo.models import ModelLoadError
+    from diffpo.runs import RunFolderError
     from diffpo.train import TrainingError
 
-    return ConfigError, DataError, EvalError, ModelLoadError, TrainingError, FileNotFoundError
+    return ConfigError, DataError, EvalError, ModelLoadError, TrainingError, CheckpointError, RunFolderError, FileNotFoundError
 
 
 def cmd_losses(args: argparse.Namespace) -> int:

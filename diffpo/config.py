@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from diffpo.losses import get_loss
+from diffpo.runs import IDENTITY_KEYS, is_identity_key
 
 
 class ConfigError(ValueError):
@@ -140,7 +141,12 @@ class TrainConfig:
     checkpoint_every: int = 50
     checkpoints_total_limit: int | None = 3
     resume: str | None = None
-    """``latest`` (newest checkpoint in output_dir), a checkpoint folder, or null."""
+    """``latest`` (newest complete checkpoint in output_dir), a checkpoint folder, or null."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Keys of the run's identity (``diffpo.runs.IDENTITY_KEYS``: objective and hparams, seed, data,
+    model, LoRA shape, global batch, optimizer and lr schedule) that may differ from the resumed
+    checkpoint's, e.g. ``[train.learning_rate]``; any other change refuses the resume. The new values
+    apply from the resumed step on."""
     max_nonfinite_in_row: int = 5
     """Non-finite losses skip the step; this many in a row stop the run."""
 
@@ -152,6 +158,8 @@ class TrainConfig:
         _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "train.checkpoints_total_limit", "must be positive or null")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", "must be positive or null")
+        for key in self.resume_allow_changes:
+            _check(is_identity_key(key), "train.resume_allow_changes", f"{key!r} is not a key of the run identity (those are: {', '.join(IDENTITY_KEYS)}, loss.<hparam>)")
         if self.weight_dtype == "bf16":
             _check(self.mixed_precision == "bf16", "train.weight_dtype", f"bf16 weights need train.mixed_precision=bf16, got {self.mixed_precision!r}")
             _check(not self.use_8bit_adam, "train.weight_dtype", "bf16 weights keep float32 masters in AdamW; not combinable with train.use_8bit_adam")
@@ -181,6 +189,9 @@ class LoggingConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
+    overwrite_output_dir: bool = False
+    """A fresh run into an output_dir that holds another run is refused; true moves that run to
+    ``OUTPUT_DIR.old-<time>`` first (never deletes it)."""
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

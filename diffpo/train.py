@@ -26,20 +26,21 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from diffpo.cache import CachedPairDataset, check_meta, collate_cached
-from diffpo.checkpoint import list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
+from diffpo.checkpoint import last_checkpoint_note, list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
 from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer
 from diffpo.losses import LossSpec, get_loss
 from diffpo.models import Components, Reference, add_lora, load_components, resolve_family, trainable_parameters
 from diffpo.objectives import noise_pairs, per_sample_error, sample_latents, split_pairs
+from diffpo.runs import check_resume_identity, data_fingerprint, prepare_output_dir, probe_writable, run_identity
 from diffpo.validation import run_validation
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (too many non-finite losses, too little data, ...)."""
+    """The run cannot go on (too many non-finite steps, too little data, ...)."""
 
 
 @dataclass
@@ -133,6 +134,40 @@ def _unwrap(network):
     return getattr(network, "module", network)
 
 
+def _all_processes(accelerator, flag: bool) -> bool:
+    """True when ``flag`` holds on every process (every rank must take the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([flag], device=accelerator.device)).all())
+
+
+def _weights_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every trained weight is finite: one fused norm per tensor, a single host sync
+    (an inf/nan element makes its tensor's norm non-finite). Local shards under FSDP."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    local = [p.detach() for p in local if p.numel()]
+    if not local:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(local)).float()).all())
+
+
+def _apply_optimizer_config(optimizer, lr_scheduler, tc) -> None:
+    """After loading a checkpoint: the config's optimizer hparams and base learning rate, not the
+    checkpoint's (equal unless allowed to change by train.resume_allow_changes; without this a
+    changed learning rate would silently stay the old one)."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    scheduler.base_lrs = [tc.learning_rate for _ in scheduler.base_lrs]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=tc.learning_rate, lr=tc.learning_rate * factor(scheduler.last_epoch), betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, weight_decay=tc.adam_weight_decay)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    line = " ".join(part.strip() for part in text[:3]) if text else type(err).__name__
+    return line[:limit] + ("..." if len(line) > limit else "")
+
+
 def build_optimizer(params, cfg: Config, device: torch.device | str = "cpu"):
     """AdamW (fused kernel on CUDA: same math, one launch), 8-bit AdamW, or AdamW over float32
     masters of bf16 weights (``train.weight_dtype=bf16``)."""
@@ -155,6 +190,14 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _append_metrics(path: Path, record: dict, output_dir: Path) -> None:
+    try:
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise TrainingError(f"could not append to {path}: {err.strerror or err}; {last_checkpoint_note(output_dir)}") from None
 
 
 def _flat_config(cfg: Config) -> dict:
@@ -212,6 +255,23 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     global_batch = tc.batch_size * accelerator.num_processes
     if len(records) < global_batch:
         raise TrainingError(f"{cfg.data.source}: {len(records)} usable pairs, fewer than one global batch ({global_batch})")
+
+    # Which checkpoint continues, whether it is this run (its identity), and whether the output
+    # folder is ours and writable: all settled before any model loads (diffpo.runs).
+    identity = run_identity(cfg, accelerator.num_processes, data_fingerprint(records))
+    resume_from = resolve_resume(tc.resume, output_dir)
+    if resume_from is not None:
+        changed = check_resume_identity(resume_from, read_state(resume_from).get("identity"), identity, tc.resume_allow_changes)
+        for key in changed:
+            logger.warning("resuming %s with %s changed (train.resume_allow_changes): the run no longer equals an uninterrupted one", resume_from, key)
+    elif tc.resume == "latest":
+        logger.info("train.resume=latest: no complete checkpoint in %s, starting fresh", output_dir)
+    if accelerator.is_main_process:
+        moved = prepare_output_dir(output_dir, resume_from, cfg.overwrite_output_dir, asked_latest=tc.resume == "latest")
+        if moved is not None:
+            logger.warning("overwrite_output_dir: moved the run that was in %s to %s", output_dir, moved)
+        probe_writable(output_dir)
+    accelerator.wait_for_everyone()
 
     # With a latent cache the VAE and text encoders are not loaded (validation sampling needs them).
     cache_meta = None
@@ -271,24 +331,20 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
 
     # Resume: restore model/optimizer/scheduler/RNG, then skip the micro-batches already seen.
     step, skipped_total = 0, 0
-    resume_from = resolve_resume(tc.resume, output_dir)
     if resume_from is not None:
         state = read_state(resume_from)
-        saved_batch = state.get("num_processes", 1) * state.get("batch_size", tc.batch_size)
-        if saved_batch != global_batch:  # checked before loading: the data position would be wrong
-            raise TrainingError(
-                f"cannot resume {resume_from}: it used a global batch of {saved_batch} pairs, this run {global_batch}; "
-                f"keep train.batch_size x processes equal to resume"
-            )
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except (RuntimeError, KeyError, ValueError) as err:  # another LoRA rank, LoRA vs full, another model
+            raise TrainingError(f"cannot resume {resume_from}: its saved state does not fit this run's model or optimizer ({_first_line(err)})") from None
+        _apply_optimizer_config(optimizer, lr_scheduler, tc)
+        if not _all_processes(accelerator, _weights_finite(params)):
+            raise TrainingError(f"cannot resume {resume_from}: it holds non-finite weights; resume an earlier checkpoint")
         step, skipped_total = state["step"], state["skipped_steps"]
         logger.info("resumed from %s at step %d", resume_from, step)
-    elif tc.resume == "latest":
-        logger.info("train.resume=latest: no checkpoint in %s, starting fresh", output_dir)
 
     metrics_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
         if resume_from is None:
             metrics_path.unlink(missing_ok=True)
@@ -301,6 +357,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     epoch, skip = divmod(micro_step, micro_per_epoch)
     progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.loss.name}", disable=not (cfg.logging.progress and accelerator.is_local_main_process))
     nonfinite_in_row, window_ok, window = 0, True, []
+    scaler = accelerator.scaler  # fp16 only
     sample_vae = cfg.model.latent_sampling == "sample"
 
     step_started = time.perf_counter()
@@ -324,30 +381,43 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
                     accelerator.backward(loss)
                     window.append(_mean_over_processes(accelerator, {"loss": loss.item(), **spec.metrics(**errors, **hparams)}))
                 window_ok &= finite
-                grad_norm = None
+                grad_norm, skip_reason = None, None if window_ok else "loss"
                 if accelerator.sync_gradients and window_ok:
-                    if tc.max_grad_norm is not None:
-                        grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
+                    # A finite loss can still have non-finite gradients (an overflow in the backward
+                    # pass): check the accumulated, all-reduced gradients after unscaling and before
+                    # the step. clip_grad_norm_ unscales fp16 gradients and returns their total norm
+                    # (max_norm=inf: measured, not clipped); DeepSpeed clips inside and gives None.
+                    grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf)
+                    grads_finite = grad_norm is None or _all_processes(accelerator, bool(torch.isfinite(grad_norm)))
+                    if grads_finite or scaler is not None:
+                        # An fp16 GradScaler must see the overflow itself: it skips the step and lowers its scale.
+                        optimizer.step()
+                        lr_scheduler.step()
+                    if not grads_finite or optimizer.step_was_skipped:
+                        skip_reason = "gradients" if scaler is None or scaler.get_scale() < 1.0 else "fp16 overflow"
+                    elif not _all_processes(accelerator, _weights_finite(params)):
+                        # Cheap backstop (one fused norm per tensor): finite gradients, yet an update
+                        # made a weight non-finite. The optimizer state is spent: stop before any save.
+                        raise TrainingError(
+                            f"step {step + 1}: the updated weights are not finite (the gradients were); stopped before saving them. "
+                            f"Lower train.learning_rate; {last_checkpoint_note(output_dir)}"
+                        )
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
 
-            # One optimizer step is done (or skipped).
+            # One optimizer step is done (or skipped: nothing applied, nothing saved at this step).
             step += 1
-            if window_ok:
+            if skip_reason is None:
                 nonfinite_in_row = 0
             else:
-                nonfinite_in_row += 1
                 skipped_total += 1
-                logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_in_row)
-                if nonfinite_in_row >= tc.max_nonfinite_in_row:
-                    raise TrainingError(
-                        f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss (train.max_nonfinite_in_row); "
-                        f"stopped at step {step}. Lower train.learning_rate, or check the data; the last checkpoint is intact."
-                    )
-            record = {"step": step, "lr": lr_scheduler.get_last_lr()[0], "skipped": not window_ok, "skipped_total": skipped_total, "step_seconds": time.perf_counter() - step_started}
+                # fp16 overflows while the loss scale is >= 1 are the scaler's normal search for a scale.
+                nonfinite_in_row += skip_reason != "fp16 overflow"
+                logger.warning("step %d: non-finite %s, step skipped (%d in a row)", step, skip_reason, nonfinite_in_row)
+            record = {"step": step, "lr": lr_scheduler.get_last_lr()[0], "skipped": skip_reason is not None, "skipped_total": skipped_total, "step_seconds": time.perf_counter() - step_started}
+            if skip_reason is not None:
+                record["skip_reason"] = skip_reason
             if window:
                 record.update({key: float(np.mean([m[key] for m in window])) for key in window[0]})
             if grad_norm is not None:
@@ -355,17 +425,22 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
             record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
             window, window_ok = [], True
             if accelerator.is_main_process and step % cfg.logging.log_every == 0:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                _append_metrics(metrics_path, record, output_dir)
                 if cfg.logging.report_to != "none":
                     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+            if nonfinite_in_row >= tc.max_nonfinite_in_row:  # after logging: metrics.jsonl shows every skipped step
+                raise TrainingError(
+                    f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradients (train.max_nonfinite_in_row); "
+                    f"stopped at step {step}, nothing of them applied. Lower train.learning_rate, or check the data; {last_checkpoint_note(output_dir)}"
+                )
             progress.update(1)
             progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
             lc = cfg.logging
             if lc.validation_every and accelerator.is_main_process and (step % lc.validation_every == 0 or step == tc.max_steps):
                 run_validation(accelerator, components, accelerator.unwrap_model(network), lc, output_dir, step)
-            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-                state = {"step": step, "skipped_steps": skipped_total, "num_processes": accelerator.num_processes, "batch_size": tc.batch_size, "loss": cfg.loss.name}
+            # A skipped step writes no checkpoint: pruning must never trade good ones for it.
+            if skip_reason is None and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+                state = {"step": step, "skipped_steps": skipped_total, "num_processes": accelerator.num_processes, "batch_size": tc.batch_size, "loss": cfg.loss.name, "identity": identity}
                 save_checkpoint(accelerator, output_dir, step, state, tc.checkpoints_total_limit)
             if step >= tc.max_steps:
                 break
@@ -384,13 +459,19 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         if master is not None:  # save the float32 masters, not their bf16 rounding
             unwrapped.to(torch.float32)
             master.write_masters_into(unwrapped)
-        if use_lora:
-            components.family.save_lora(unwrapped, tmp)
-        else:
-            if not components.text_encoders:  # trained from a cache: the saved pipeline needs them
-                components = load_components(cfg.model, cache_dir=cache_dir)
-            components.family.save_full(components, unwrapped.to(torch.float32), tmp)
-        publish_dir(tmp, final_dir)
+        if not _weights_finite([p for p in unwrapped.parameters() if p.requires_grad]):  # never ship non-finite weights
+            raise TrainingError(f"the trained weights are not finite: final/ not written; {last_checkpoint_note(output_dir)}")
+        try:
+            if use_lora:
+                components.family.save_lora(unwrapped, tmp)
+            else:
+                if not components.text_encoders:  # trained from a cache: the saved pipeline needs them
+                    components = load_components(cfg.model, cache_dir=cache_dir)
+                components.family.save_full(components, unwrapped.to(torch.float32), tmp)
+            publish_dir(tmp, final_dir)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(f"could not write {final_dir}: {err.strerror or err}; {last_checkpoint_note(output_dir)}") from None
     accelerator.end_training()
     return TrainResult(output_dir, final_dir, step, skipped_total, time.perf_counter() - started)
 

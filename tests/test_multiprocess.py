@@ -55,3 +55,28 @@ def test_shipped_accelerate_configs_load(name):
         assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_reshard_after_forward"] is True
     assert cfg.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[name]
 
+
+
+def test_two_processes_skip_non_finite_gradients_together_and_save_no_nan(tmp_path, monkeypatch):
+    """The issue's blow-up (a learning rate ramped to 1e6) under DDP: finite losses, then non-finite
+    all-reduced gradients; both ranks skip the same steps, the run exits non-zero, every checkpoint
+    it kept is finite and no final/ is written."""
+    import torch
+    from safetensors.torch import load_file
+
+    from diffpo.checkpoint import list_checkpoints
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "ddp"
+    code = main(["train", "--config", "configs/tiny.yaml", f"output_dir={out}", "train.batch_size=2", "train.max_steps=8",
+                 "train.checkpoint_every=2", "train.learning_rate=1e6", "train.lr_warmup_steps=100000", "train.max_nonfinite_in_row=2",
+                 "logging.report_to=none", "logging.progress=false", "--num-processes", "2"])
+    assert code != 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skip_reason") for r in records[-2:]] == ["gradients", "gradients"]
+    assert all(r["loss"] is not None for r in records)  # the losses stayed finite: the gradients were not
+    assert not (out / "final").exists()
+    kept = list_checkpoints(out)
+    assert kept
+    for checkpoint in kept:
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())

@@ -8,8 +8,23 @@ import torch
 from conftest import read_metrics, tiny_run_config as make_cfg, write_shape_pairs
 
 from diffpo import losses as losses_module
-from diffpo.checkpoint import list_checkpoints
+from diffpo.checkpoint import CheckpointError, list_checkpoints
+from diffpo.runs import RunFolderError
 from diffpo.train import TrainingError, train
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The network state of a checkpoint folder, or the LoRA of a final/ folder."""
+    from safetensors.torch import load_file
+
+    file = path / "model.safetensors" if (path / "model.safetensors").is_file() else path / "pytorch_lora_weights.safetensors"
+    return load_file(file)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -119,23 +134,28 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, pair_dir, model_cache):
     for ma, mb in zip(a, b):
         assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6, abs=1e-9), (ma, mb)
         assert ma["lr"] == pytest.approx(mb["lr"])
+    # not only the losses: the weights (and the optimizer state inside the checkpoint) are equal
+    assert_same_weights(weights(part / "final"), weights(full / "final"))
+    assert_same_weights(weights(part / "checkpoint-5"), weights(full / "checkpoint-5"))
+    assert (part / "checkpoint-5" / "optimizer.bin").read_bytes() == (full / "checkpoint-5" / "optimizer.bin").read_bytes()
 
 
 def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tmp_path, pair_dir, model_cache, monkeypatch):
     out = tmp_path / "nan"
     train(make_cfg(out, pair_dir, train={"max_steps": 2, "checkpoint_every": 2}), cache_dir=model_cache)
     ckpt = out / "checkpoint-2"
-    before = {p.name: p.stat().st_size for p in ckpt.iterdir()}
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
 
     spec = losses_module.LOSSES["mapo"]
     nan_spec = type(spec)(spec.name, lambda err_w, err_l, **hp: err_w * float("nan"), spec.needs_reference, spec.hparams)
     monkeypatch.setitem(losses_module.LOSSES, "mapo", nan_spec)
     cfg = make_cfg(out, pair_dir, train={"max_steps": 10, "checkpoint_every": 2, "resume": "latest", "max_nonfinite_in_row": 2})
-    with pytest.raises(TrainingError, match="2 optimizer steps in a row had a non-finite loss"):
+    with pytest.raises(TrainingError, match="2 optimizer steps in a row had a non-finite loss or gradients.*the last complete \\(finite\\) checkpoint is .*checkpoint-2"):
         train(cfg, cache_dir=model_cache)
     metrics = read_metrics(out)
-    assert [m["skipped"] for m in metrics] == [False, False, True]
-    assert {p.name: p.stat().st_size for p in ckpt.iterdir()} == before
+    assert [m["skipped"] for m in metrics] == [False, False, True, True]
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # the checkpoint is intact: every byte
+    assert all(torch.isfinite(t).all() for t in weights(ckpt).values())
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
 
 
@@ -152,10 +172,10 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, pair_dir, model_cache,
 
     monkeypatch.setattr(accelerate.Accelerator, "save_state", boom)
     cfg = make_cfg(out, pair_dir, train={"max_steps": 3, "checkpoint_every": 1, "resume": "latest", "checkpoints_total_limit": 5})
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="could not write checkpoint-3 .*: disk full; the last complete \\(finite\\) checkpoint is .*checkpoint-2"):
         train(cfg, cache_dir=model_cache)
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
-    assert not (out / "checkpoint-3").exists()
+    assert not (out / "checkpoint-3").exists() and not (out / ".checkpoint-3.tmp").exists()  # the partial save's space is given back
 
 
 def test_too_few_pairs_is_a_clear_error(tmp_path, pair_dir, model_cache):
@@ -204,5 +224,5 @@ def test_validation_samples_every_n_steps(tmp_path, pair_dir, model_cache):
 def test_resume_with_another_global_batch_is_refused(tmp_path, pair_dir, model_cache):
     out = tmp_path / "gb"
     train(make_cfg(out, pair_dir, train={"max_steps": 1, "checkpoint_every": 1}), cache_dir=model_cache)
-    with pytest.raises(TrainingError, match="global batch of 2 pairs, this run 4"):
+    with pytest.raises(RunFolderError, match="train.global_batch was 2 there, 4 in this run"):
         train(make_cfg(out, pair_dir, train={"max_steps": 2, "batch_size": 4, "resume": "latest"}), cache_dir=model_cache)

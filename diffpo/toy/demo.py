@@ -138,6 +138,7 @@ def run_experiment(settings: DemoSettings, out: Path, *, base: str | None = None
 
     t0 = time.perf_counter()
     run_dir = out / "train"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the experiment owns its run folder: a re-run starts over
     cfg = config_from_dict(train_config(settings, pairs, run_dir, base))
     cfg.logging.progress = progress
     result = train(cfg)
