@@ -19,9 +19,10 @@ def _explainable_errors() -> tuple[type[BaseException], ...]:
     from diffpo.data import DataError
     from diffpo.evaluate.run import EvalError
     from diffpo.models import ModelLoadError
+    from diffpo.sampling import SamplingError
     from diffpo.train import TrainingError
 
-    return ConfigError, DataError, EvalError, ModelLoadError, TrainingError, FileNotFoundError
+    return ConfigError, DataError, EvalError, ModelLoadError, SamplingError, TrainingError, FileNotFoundError
 
 
 def cmd_losses(args: argparse.Namespace) -> int:

@@ -83,6 +83,9 @@ class SDXLFamily(_LatentFamily):
 
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    sampling_default_settings = {"num_inference_steps": 30, "guidance_scale": 5.0, "scheduler": "euler"}
+    """StableDiffusionXLPipeline's default guidance and SDXL's shipped Euler scheduler; the pipeline
+    computes ``time_ids`` from the sampled height and width (original = target size, crop 0)."""
 
     def __init__(self, vae_path: str | None = None):
         self.vae_path = vae_path
@@ -143,6 +146,9 @@ class SD3Family(_LatentFamily):
 
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    sampling_default_settings = {"num_inference_steps": 28, "guidance_scale": 7.0, "scheduler": "flow_euler"}
+    """StableDiffusion3Pipeline's defaults."""
+    schedulers = ("flow_euler",)
     network_subfolder = "transformer"
     lora_prefix_argument = "transformer_lora_layers"
     max_sequence_length = 77
@@ -213,6 +219,13 @@ class FluxFamily(_LatentFamily):
 
     name = "flux"
     pipeline_class_name = "FluxPipeline"
+    sampling_default_settings = {"num_inference_steps": 28, "guidance_scale": 3.5, "scheduler": "flow_euler"}
+    """FluxPipeline's defaults (FLUX.1-dev). The guidance goes into the guidance embedding when the
+    transformer has one (``config.guidance_embeds``); FLUX.1-schnell has none and ignores it (sample
+    it with 4 steps)."""
+    schedulers = ("flow_euler",)
+    default_sample_size = 128
+    """FluxPipeline.default_sample_size: the transformer's config has no sample size."""
     network_subfolder = "transformer"
     lora_prefix_argument = "transformer_lora_layers"
     max_sequence_length = 512
