@@ -4,7 +4,9 @@ Each family follows ``StableDiffusionFamily`` in ``diffpo.models``: ``load`` rea
 folder or hub id, ``encode_prompts`` returns batch-first conditioning tensors (the trainer
 duplicates them for ``[winners; losers]``), ``predict`` runs the denoiser and returns a
 prediction with the latents' shape (B, C, H, W), ``build_pipeline`` assembles the diffusers
-pipeline that ``save_full`` writes, and LoRA saves through the pipeline's ``save_lora_weights``.
+pipeline that ``save_full`` writes and that ``diffpo.sampling.generate`` samples with (the class
+attribute ``sampling_default_settings`` gives the family's steps, guidance and scheduler), and
+LoRA saves through the pipeline's ``save_lora_weights``.
 
 SD 2.x v-prediction needs no family: the ``sd`` family with a scheduler whose
 ``prediction_type`` is ``v_prediction`` trains against the velocity (``diffpo.objectives``).
