@@ -118,7 +118,7 @@ def test_zero_initialised_lora_gives_the_base_images(name, models):
 @pytest.mark.parametrize("name", ["sdxl"])
 def test_base_and_tuned_start_from_the_same_noise_at_any_batch_size(name, models, monkeypatch):
     """Initial latents are recorded inside the pipeline (``prepare_latents``): image k has the same
-    starting noise for the base and a LoRA-tuned network, at batch size 1 and 3."""
+    starting noise for the base and a LoRA-tuned network, at batch size 1 and 2."""
     import diffusers
     from peft import LoraConfig
 
@@ -142,18 +142,18 @@ def test_base_and_tuned_start_from_the_same_noise_at_any_batch_size(name, models
 
     runs = {}
     for label, network in (("base", None), ("tuned", tuned)):
-        for batch_size in (1, 3):
+        for batch_size in (1, 2):
             recorded.clear()
-            images = generate(components, PROMPTS, [0, 1, 2], network=network, num_inference_steps=2, resolution=32, batch_size=batch_size, progress=False)
+            images = generate(components, PROMPTS[:2], [0, 1], network=network, num_inference_steps=2, resolution=32, batch_size=batch_size, progress=False)
             runs[label, batch_size] = (torch.cat(recorded), arrays(images))
-    noise = runs["base", 3][0]
-    assert noise.shape[0] == 3 and not torch.equal(noise[0], noise[1])
+    noise = runs["base", 2][0]
+    assert noise.shape[0] == 2 and not torch.equal(noise[0], noise[1])
     for key, (latents, images) in runs.items():
         assert torch.equal(latents, noise), key
-        assert [image.shape for image in images] == [(32, 32, 3)] * 3
+        assert [image.shape for image in images] == [(32, 32, 3)] * 2
     for label in ("base", "tuned"):  # batching changes only float rounding
-        assert max(np.abs(a - b).max() for a, b in zip(runs[label, 1][1], runs[label, 3][1])) <= 2
-    assert max(np.abs(a - b).max() for a, b in zip(runs["base", 3][1], runs["tuned", 3][1])) > 10
+        assert max(np.abs(a - b).max() for a, b in zip(runs[label, 1][1], runs[label, 2][1])) <= 2
+    assert max(np.abs(a - b).max() for a, b in zip(runs["base", 2][1], runs["tuned", 2][1])) > 10
 
 
 # --------------------------------------------------------------------- settings and errors
