@@ -21,9 +21,10 @@ def _explainable_errors() -> tuple[type[BaseException], ...]:
     from diffpo.evaluate.run import EvalError
     from diffpo.models import ModelLoadError
     from diffpo.runs import RunFolderError
+    from diffpo.sampling import SamplingError
     from diffpo.train import TrainingError
 
-    return ConfigError, DataError, EvalError, ModelLoadError, TrainingError, CheckpointError, RunFolderError, FileNotFoundError
+    return ConfigError, DataError, EvalError, ModelLoadError, SamplingError, TrainingError, CheckpointError, RunFolderError, FileNotFoundError
 
 
 def cmd_losses(args: argparse.Namespace) -> int:

@@ -176,8 +176,12 @@ class LoggingConfig:
     validation_every: int = 0
     """0 turns validation sampling off."""
     validation_images_per_prompt: int = 2
-    validation_inference_steps: int = 25
-    validation_guidance_scale: float = 3.0
+    validation_inference_steps: int | None = None
+    """None: the family's default (``Family.sampling_default_settings``; 25 for the shapes world)."""
+    validation_guidance_scale: float | None = None
+    """None: the family's default (3.0 for the shapes world)."""
+    validation_resolution: int | None = None
+    """Square side in pixels; None: the model's default resolution."""
 
     def __post_init__(self):
         _check(self.log_every > 0, "logging.log_every", "must be positive")

@@ -4,7 +4,9 @@ Each family follows ``StableDiffusionFamily`` in ``diffpo.models``: ``load`` rea
 folder or hub id, ``encode_prompts`` returns batch-first conditioning tensors (the trainer
 duplicates them for ``[winners; losers]``), ``predict`` runs the denoiser and returns a
 prediction with the latents' shape (B, C, H, W), ``build_pipeline`` assembles the diffusers
-pipeline that ``save_full`` writes, and LoRA saves through the pipeline's ``save_lora_weights``.
+pipeline that ``save_full`` writes and that ``diffpo.sampling.generate`` samples with (the class
+attribute ``sampling_default_settings`` gives the family's steps, guidance and scheduler), and
+LoRA saves through the pipeline's ``save_lora_weights``.
 
 SD 2.x v-prediction needs no family: the ``sd`` family with a scheduler whose
 ``prediction_type`` is ``v_prediction`` trains against the velocity (``diffpo.objectives``).
@@ -83,6 +85,9 @@ class SDXLFamily(_LatentFamily):
 
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    sampling_default_settings = {"num_inference_steps": 30, "guidance_scale": 5.0, "scheduler": "euler"}
+    """StableDiffusionXLPipeline's default guidance and SDXL's shipped Euler scheduler; the pipeline
+    computes ``time_ids`` from the sampled height and width (original = target size, crop 0)."""
 
     def __init__(self, vae_path: str | None = None):
         self.vae_path = vae_path
@@ -143,6 +148,9 @@ class SD3Family(_LatentFamily):
 
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    sampling_default_settings = {"num_inference_steps": 28, "guidance_scale": 7.0, "scheduler": "flow_euler"}
+    """StableDiffusion3Pipeline's defaults."""
+    schedulers = ("flow_euler",)
     network_subfolder = "transformer"
     lora_prefix_argument = "transformer_lora_layers"
     max_sequence_length = 77
@@ -213,6 +221,13 @@ class FluxFamily(_LatentFamily):
 
     name = "flux"
     pipeline_class_name = "FluxPipeline"
+    sampling_default_settings = {"num_inference_steps": 28, "guidance_scale": 3.5, "scheduler": "flow_euler"}
+    """FluxPipeline's defaults (FLUX.1-dev). The guidance goes into the guidance embedding when the
+    transformer has one (``config.guidance_embeds``); FLUX.1-schnell has none and ignores it (sample
+    it with 4 steps)."""
+    schedulers = ("flow_euler",)
+    default_sample_size = 128
+    """FluxPipeline.default_sample_size: the transformer's config has no sample size."""
     network_subfolder = "transformer"
     lora_prefix_argument = "transformer_lora_layers"
     max_sequence_length = 512

@@ -88,6 +88,35 @@ class Family:
     def predict(self, components: Components, network: nn.Module, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError  # pragma: no cover
 
+    # --- sampling (diffpo.sampling.generate) ----------------------------------------------------
+    sampling_default_settings: dict[str, Any] = {"num_inference_steps": 30, "guidance_scale": 7.5, "scheduler": "ddim"}
+    """``SamplerSettings`` a family samples with unless told otherwise."""
+    schedulers: tuple[str, ...] = ("ddim", "euler", "dpm++")
+    """Names in ``diffpo.sampling.SCHEDULERS`` that fit the family's training objective."""
+    default_sample_size: int | None = None
+    """Latent side used when the network's config has no ``sample_size`` (Flux)."""
+
+    def sampling_defaults(self, components: Components) -> dict[str, Any]:
+        return dict(self.sampling_default_settings)
+
+    def sampling_schedulers(self, components: Components) -> tuple[str, ...]:
+        return self.schedulers
+
+    def default_resolution(self, components: Components) -> int:
+        """Image side the pipeline would pick: the network's sample size times the VAE factor."""
+        size = getattr(components.network.config, "sample_size", None) or self.default_sample_size
+        vae = components.vae
+        return size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+
+    def sampler(self, components: Components, network: nn.Module, settings, device) -> Callable[[list[str], list[int]], list]:
+        """A callable (prompts, seeds) -> PIL images for ``diffpo.sampling.generate``: the family's
+        diffusers pipeline around ``network``, built once per ``generate`` call."""
+        from diffpo.sampling import PipelineSampler, SamplingError
+
+        if components.vae is None:
+            raise SamplingError(f"family '{self.name}' samples latent models only, and '{components.source}' has no VAE")
+        return PipelineSampler(self.build_pipeline(components, network), settings, device)
+
     # --- saving --------------------------------------------------------------------------------
     def build_pipeline(self, components: Components, network: nn.Module | None = None):
         raise NotImplementedError  # pragma: no cover
@@ -148,6 +177,28 @@ class StableDiffusionFamily(Family):
 
     def predict(self, components, network, noisy, timesteps, cond):
         return network(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype)).sample
+
+    PIXEL_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 3.0, "scheduler": "ddim", "clip_sample": True}
+    """Pixel-space models (no VAE): the shapes world's calibrated settings and its own DDIM loop."""
+
+    def sampling_defaults(self, components: Components) -> dict[str, Any]:
+        return dict(self.PIXEL_SAMPLING) if components.vae is None else super().sampling_defaults(components)
+
+    def sampling_schedulers(self, components: Components) -> tuple[str, ...]:
+        return ("ddim",) if components.vae is None else super().sampling_schedulers(components)
+
+    def sampler(self, components: Components, network: nn.Module, settings, device):
+        if components.vae is not None:
+            return super().sampler(components, network, settings, device)
+        from diffpo.toy.sampling import sample_pixels  # no pipeline runs pixel-space UNets
+
+        def sample(prompts: list[str], seeds: list[int]) -> list:
+            return sample_pixels(
+                components, network, prompts, seeds, num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale, resolution=settings.resolution, device=device, clip_sample=settings.clip_sample,
+            )
+
+        return sample
 
     def build_pipeline(self, components: Components, network: nn.Module | None = None):
         from diffusers import DDIMScheduler

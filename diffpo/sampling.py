@@ -1,90 +1,251 @@
-"""Batched, seeded sampling for SD-family models, with or without a VAE.
+"""Batched, seeded sampling for every model family: one entry point, ``generate``.
 
-Every image gets its own seed, so base and tuned models compared "on the same seeds" start from
-the same initial noise image by image, whatever the batch size. The loop is the standard
-classifier-free-guidance DDIM loop of diffusers' StableDiffusionPipeline; we keep our own copy
-because the pipeline cannot run pixel-space models (no VAE) and draws one noise tensor per batch.
+Evaluation (``diffpo eval``), training-time validation and ``diffpo pairs from-images`` all sample
+through ``generate(components, prompts, seeds, network=..., settings=...)``. Latent models run their
+family's diffusers pipeline (``Family.build_pipeline``: StableDiffusion[XL|3]Pipeline,
+FluxPipeline) rather than a re-written loop, so SDXL's ``time_ids`` and pooled embeddings, SD3's
+and Flux's flow-matching schedulers and Flux's guidance embedding are the pipeline's own. The
+pixel-space shapes-world model, which no pipeline runs, keeps its DDIM loop beside it
+(``diffpo.toy.sampling``).
+
+Same noise whatever the batch size: image k is drawn from its own CPU ``torch.Generator`` seeded
+with ``seeds[k]``; pipelines accept one generator per image and draw each image's initial latents
+from its own generator (``diffusers.utils.torch_utils.randn_tensor``). Base and tuned images of
+one (prompt, seed) therefore start from the same noise, on CPU or GPU, at any batch size. Keeping
+the generators on the CPU makes CPU and GPU runs draw the same numbers.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from diffpo.models import Components
 
-
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One (C, H, W) standard-normal tensor per seed, stacked; independent of batch layout."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+class SamplingError(ValueError):
+    """The model cannot be sampled with these settings; the message says why."""
 
 
-@torch.no_grad()
+def _ddim(config):
+    from diffusers import DDIMScheduler
+
+    # SD 1.x/2.x ship clip_sample=False, set_alpha_to_one=False; the training DDPMScheduler's
+    # defaults (clip_sample=True) are wrong for latents. prediction_type (epsilon / v) is kept.
+    return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
+
+
+def _euler(config):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(config)
+
+
+def _dpm(config):
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(config)
+
+
+def _flow_euler(config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+SCHEDULERS: dict[str, Callable[[Any], Any]] = {"ddim": _ddim, "euler": _euler, "dpm++": _dpm, "flow_euler": _flow_euler}
+"""Sampling schedulers by name, each built from the model's training scheduler config (a fresh
+object: pipelines call ``set_timesteps``, which must not touch the scheduler training uses)."""
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How images are sampled. ``None`` means the family's default (``Family.sampling_defaults``)."""
+
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    """Classifier-free guidance; Flux models with a guidance embedding (FLUX.1-dev) take it as the
+    embedded guidance instead, as FluxPipeline does."""
+    resolution: int | None = None
+    """Square image side in pixels; None: the model's default (its sample size * VAE factor)."""
+    scheduler: str | None = None
+    """One of ``SCHEDULERS`` the family supports (``Family.sampling_schedulers``)."""
+    dtype: str | None = None
+    """fp32 / bf16 / fp16: cast the model (in place) before sampling; None keeps its dtype."""
+    cpu_offload: bool = False
+    """``pipeline.enable_model_cpu_offload``: one sub-model on the GPU at a time (needs a GPU)."""
+    vae_tiling: bool = False
+    """``vae.enable_tiling()``: decode in overlapping tiles (large images, less memory)."""
+    vae_slicing: bool = False
+    """``vae.enable_slicing()``: decode one image of the batch at a time."""
+    clip_sample: bool | None = None
+    """Pixel-space models only: clip DDIM's x0 estimate to [-1, 1] (None: on)."""
+
+    def __post_init__(self):
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise SamplingError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.resolution is not None and self.resolution < 1:
+            raise SamplingError(f"resolution must be >= 1, got {self.resolution}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise SamplingError(f"unknown dtype '{self.dtype}' (valid: {', '.join(DTYPES)})")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise SamplingError(f"unknown scheduler '{self.scheduler}' (valid: {', '.join(SCHEDULERS)})")
+
+    @classmethod
+    def from_any(cls, settings: "SamplerSettings | Mapping[str, Any] | None" = None, **overrides) -> "SamplerSettings":
+        """Settings from a ``SamplerSettings``, a dict of its fields, or keywords (which win)."""
+        base = asdict(settings) if isinstance(settings, SamplerSettings) else dict(settings or {})
+        merged = {**base, **overrides}
+        unknown = set(merged) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SamplingError(f"unknown sampler settings {sorted(unknown)}; valid: {', '.join(f.name for f in fields(cls))}")
+        return cls(**merged)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_settings(components: Components, settings: SamplerSettings | Mapping[str, Any] | None = None, **overrides) -> SamplerSettings:
+    """The settings ``generate`` will use: ``None`` fields filled from the family's defaults,
+    the resolution from the model, the scheduler checked against what the family supports."""
+    settings = SamplerSettings.from_any(settings, **overrides)
+    family = components.family
+    defaults = family.sampling_defaults(components)
+    filled = {k: defaults.get(k) if getattr(settings, k) is None else getattr(settings, k) for k in ("num_inference_steps", "guidance_scale", "scheduler", "clip_sample")}
+    if settings.resolution is None:
+        filled["resolution"] = family.default_resolution(components)
+    resolved = replace(settings, **filled)
+    allowed = family.sampling_schedulers(components)
+    if resolved.scheduler not in allowed:
+        raise SamplingError(f"scheduler '{resolved.scheduler}' does not fit family '{family.name}' (valid: {', '.join(allowed)})")
+    return resolved
+
+
 def generate(
     components: Components,
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
     network: torch.nn.Module | None = None,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 3.0,
-    resolution: int | None = None,
+    settings: SamplerSettings | Mapping[str, Any] | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "sampling",
-    clip_sample: bool | None = None,
+    **overrides,
 ) -> list[Image.Image]:
-    """Sample one image per (prompt, seed) with DDIM and classifier-free guidance.
+    """One image per (prompt, seed); ``network`` (default ``components.network``) is the denoiser,
+    e.g. a LoRA-adapted copy. ``overrides`` are ``SamplerSettings`` fields and win over ``settings``."""
+    return [image for batch in iter_generate(components, prompts, seeds, network=network, settings=settings, batch_size=batch_size, device=device, progress=progress, desc=desc, **overrides) for image in batch]
 
-    ``clip_sample`` clips DDIM's x0 estimate to [-1, 1]; by default on for pixel-space models (where
-    that range is the data's) and off for latent models. Without it, an epsilon model's x0 estimate
-    at the first, almost pure-noise step is amplified by 1/sqrt(alpha_bar) and washes colours out.
-    """
-    from diffusers import DDIMScheduler
 
+def iter_generate(
+    components: Components,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    network: torch.nn.Module | None = None,
+    settings: SamplerSettings | Mapping[str, Any] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "sampling",
+    **overrides,
+) -> Iterator[list[Image.Image]]:
+    """``generate`` one batch at a time, so callers can save and drop images as they come."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if batch_size < 1:
+        raise SamplingError(f"batch_size must be >= 1, got {batch_size}")
+    settings = resolve_settings(components, settings, **overrides)
+    device = torch.device(device)
+    if settings.cpu_offload and device.type == "cpu":
+        raise SamplingError("cpu_offload moves sub-models between the CPU and a GPU: it needs a GPU device")
+    if not components.text_encoders:
+        raise SamplingError(f"'{components.source}' was loaded without its text encoders, so it cannot be sampled")
     network = network if network is not None else components.network
+    # In place: a no-op during training-time validation (already there, dtype None); eval and
+    # from-images own their models. With cpu_offload the pipeline's hooks place each sub-model.
+    move = {} if settings.cpu_offload else {"device": device}
+    if settings.dtype is not None:
+        move["dtype"] = DTYPES[settings.dtype]
+    for module in (network, *components.frozen_modules()):
+        if move:
+            module.to(**move)
     network.eval()
-    vae = components.vae
-    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    sample_size = network.config.sample_size
-    size = (resolution // scale) if resolution else sample_size
-    channels = network.config.in_channels
-    if clip_sample is None:
-        clip_sample = vae is None
-    scheduler = DDIMScheduler.from_config(components.scheduler.config, clip_sample=clip_sample, set_alpha_to_one=False)
-    family = components.family
-    dtype = next(network.parameters()).dtype
-    uncond = family.encode_prompts(components, [""])["encoder_hidden_states"]
-
-    images: list[Image.Image] = []
+    try:
+        sample = components.family.sampler(components, network, settings, device)
+    except NotImplementedError:
+        raise SamplingError(f"diffpo cannot sample models of family '{components.family.name}' (it has no pipeline to sample with)") from None
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2):
-        batch_prompts = list(prompts[start : start + batch_size])
-        cond = family.encode_prompts(components, batch_prompts)["encoder_hidden_states"]
-        context = torch.cat([uncond.expand(len(batch_prompts), -1, -1), cond]).to(device, dtype)
-        latents = initial_noise(seeds[start : start + batch_size], (channels, size, size)).to(device, dtype)
-        scheduler.set_timesteps(num_inference_steps)
-        latents = latents * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise_uncond, noise_cond = network(model_in, t, encoder_hidden_states=context).sample.chunk(2)
-            noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = scheduler.step(noise, t, latents).prev_sample
-        if vae is not None:
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            latents = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-        images.extend(to_pil(latents))
-    return images
+    with torch.no_grad():
+        for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2):
+            yield sample(list(prompts[start : start + batch_size]), list(seeds[start : start + batch_size]))
+
+
+class PipelineSampler:
+    """Samples through a family's diffusers pipeline with one CPU generator per image."""
+
+    def __init__(self, pipeline, settings: SamplerSettings, device: torch.device):
+        self.pipeline, self.settings, self.device = pipeline, settings, device
+        pipeline.scheduler = SCHEDULERS[settings.scheduler](pipeline.scheduler.config)
+        pipeline.set_progress_bar_config(disable=True)
+        if settings.cpu_offload:
+            pipeline.enable_model_cpu_offload(device=device)
+        if settings.vae_tiling:
+            pipeline.vae.enable_tiling()
+        if settings.vae_slicing:
+            pipeline.vae.enable_slicing()
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        s = self.settings
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        with _autocast_if_mixed(self.pipeline, self.device):
+            return self.pipeline(
+                prompt=prompts, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                height=s.resolution, width=s.resolution, generator=generators, output_type="pil",
+            ).images
+
+
+def _autocast_if_mixed(pipeline, device: torch.device):
+    """Autocast to the lowest precision among the sub-models when their dtypes differ.
+
+    During training the trained network may be float32 (master weights) while the frozen text
+    encoders and VAE run in bf16/fp16 (``train.py``); pipelines pass tensors between sub-models
+    in the text encoder's dtype, which a float32 network cannot take without autocast.
+    """
+    dtypes = {m.dtype for m in pipeline.components.values() if isinstance(m, torch.nn.Module) and hasattr(m, "dtype")}
+    if len(dtypes) < 2:
+        return contextlib.nullcontext()
+    low = torch.float16 if torch.float16 in dtypes else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=low)
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def add_sampler_arguments(parser) -> None:
+    """The sampling flags shared by ``diffpo eval`` and ``diffpo pairs from-images``."""
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the family's, e.g. 30 for SD/SDXL, 28 for SD3/Flux, 25 for toy:base)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's, e.g. 7.5 SD, 5.0 SDXL, 7.0 SD3, 3.5 Flux, 3.0 toy:base)")
+    parser.add_argument("--resolution", type=int, default=None, help="square image side in pixels (default: the model's)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampling scheduler (default: the family's: ddim SD, euler SDXL, flow_euler SD3/Flux)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the models to this dtype for sampling (default: as loaded, float32)")
+    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload: one sub-model on the GPU at a time (less memory, slower)")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode latents in tiles (large images, less memory)")
+    parser.add_argument("--vae-slicing", action="store_true", help="decode one image of a batch at a time (less memory)")
+
+
+def sampler_options(args) -> dict[str, Any]:
+    """The ``SamplerSettings`` fields the flags of ``add_sampler_arguments`` set (None: default)."""
+    return {
+        "num_inference_steps": args.steps, "guidance_scale": args.guidance, "resolution": args.resolution, "scheduler": args.scheduler,
+        "dtype": args.dtype, "cpu_offload": args.cpu_offload, "vae_tiling": args.vae_tiling, "vae_slicing": args.vae_slicing,
+    }

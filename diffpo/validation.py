@@ -2,7 +2,8 @@
 
 What users of diffusers' training scripts expect: a grid of samples per validation step, saved to
 OUTPUT_DIR/samples/step-N.png and logged to the active trackers (tensorboard, wandb), so a run's
-drift can be seen, not just read off the loss.
+drift can be seen, not just read off the loss. Every family samples through its diffusers pipeline
+(``diffpo.sampling.generate``), with the family's default steps and guidance unless set.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def validation_grid(components: Components, network: torch.nn.Module, cfg: Loggi
     was_training = network.training
     images = generate(
         components, prompts, seeds, network=network, num_inference_steps=cfg.validation_inference_steps,
-        guidance_scale=cfg.validation_guidance_scale, device=device, progress=False,
+        guidance_scale=cfg.validation_guidance_scale, resolution=cfg.validation_resolution, device=device, progress=False,
     )
     network.train(was_training)
     rows = [images[i * n : (i + 1) * n] for i in range(len(cfg.validation_prompts))]
@@ -39,9 +40,6 @@ def validation_grid(components: Components, network: torch.nn.Module, cfg: Loggi
 
 def run_validation(accelerator, components: Components, network: torch.nn.Module, cfg: LoggingConfig, output_dir: Path, step: int) -> Path | None:
     """Sample, save ``samples/step-N.png`` and log it; main process only. Returns the file."""
-    if components.family.name != "sd":
-        logger.warning("validation sampling is implemented for the sd family only; skipped for '%s'", components.family.name)
-        return None
     grid = validation_grid(components, network, cfg, accelerator.device)
     path = Path(output_dir) / "samples" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

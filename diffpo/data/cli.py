@@ -19,10 +19,11 @@ def cmd_from_images(args: argparse.Namespace) -> int:
     chosen = list_images(args.chosen)
     prompts = read_prompts(args.prompts, chosen)
     rejected_prompts = read_prompts(args.rejected_prompts, chosen, "--rejected-prompts") if args.rejected_prompts else None
+    from diffpo.sampling import resolve_settings, sampler_options
+
+    sampler = sampler_options(args)
     components = load_components(ModelConfig(pretrained=args.base))
-    for module in (components.network, *components.frozen_modules()):
-        module.to(args.device)
-    sampler = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "resolution": args.resolution}
+    sampler = resolve_settings(components, sampler)  # a bad setting fails before any sampling
     path = build_pairs_from_images(
         components, chosen, prompts, args.out, seed=args.seed, rejected_prompts=rejected_prompts, per_image=args.per_image,
         sampler=sampler, batch_size=args.batch_size, device=args.device,
@@ -61,12 +62,12 @@ def register_cli(sub) -> None:
     p.add_argument("--per-image", type=int, default=1, help="rejected generations per chosen image (DreamBooth: many class images for a few subject images)")
     p.add_argument("--base", required=True, help="base model: hub id, local folder, toy:base or tiny:sd")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="rejected image k uses seed SEED+k")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    from diffpo.sampling import add_sampler_arguments
+
+    add_sampler_arguments(p)
     p.set_defaults(func=cmd_from_images)
 
     p = pairs_sub.add_parser("candidates", help="N samples of a model per prompt, to label by hand with diffpo label --candidates")

@@ -105,7 +105,7 @@ def build_pairs_from_images(
     rejected generations (DreamBooth's ~200 class images for 3-5 subject images); pair
     ``k = i * per_image + j`` uses seed ``seed + k``, so ``per_image=1`` is one pair per image.
     """
-    from diffpo.sampling import generate
+    from diffpo import sampling
 
     if len(chosen) != len(prompts):
         raise DataError(f"{len(prompts)} prompts for {len(chosen)} chosen images")
@@ -122,10 +122,10 @@ def build_pairs_from_images(
     if len(todo) < len(items):
         logger.info("resuming: %d of %d rejected images already generated", len(items) - len(todo), len(items))
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="generate rejected", unit="img", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
+        for start in range(0, len(todo), batch_size):  # each batch saved before the next: a kill loses one at most
             batch = todo[start : start + batch_size]
-            images = generate(components, [rejected_prompts[items[k][0]] for k in batch], [seed + k for k in batch], device=device, progress=False, batch_size=batch_size, **(sampler or {}))
-            for k, image in zip(batch, images):
+            images = sampling.generate(components, [rejected_prompts[items[k][0]] for k in batch], [seed + k for k in batch], settings=sampler, device=device, progress=False, batch_size=batch_size)
+            for k, image in zip(batch, images, strict=True):
                 _save_atomic(image, items[k][1])
             bar.update(len(batch))
     rows = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from diffpo.evaluate.prompts import BUILTIN_SETS, load_prompts
 from diffpo.evaluate.run import EvalError, evaluate_models, format_table, load_tuned, write_report
 from diffpo.evaluate.scorers import SCORERS, Scorer, load_scorer
+from diffpo.sampling import SamplerSettings, add_sampler_arguments, sampler_options
 
 
 def _positive_int(text: str) -> int:
@@ -48,8 +49,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     names = _scorer_names(args.scorers)
     prompts = load_prompts(args.prompts)[: args.max_prompts]
     scorers = {name: _load_scorer(name, args.device) for name in names}
+    sampler = {**sampler_options(args), "batch_size": args.batch_size}
+    SamplerSettings.from_any({k: v for k, v in sampler.items() if k != "batch_size"})  # bad flags fail before loading
     base, tuned = load_tuned(args.model, lora=args.lora, checkpoint=args.checkpoint, tuned_model=args.tuned_model)
-    sampler = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "resolution": args.resolution, "batch_size": args.batch_size}
     results = evaluate_models(
         base,
         tuned,
@@ -85,9 +87,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-prompt", type=_positive_int, default=4, help="images per prompt and model (default 4)")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed SEED+j for both models")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--steps", type=_positive_int, default=25, help="DDIM steps (default 25)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
-    p.add_argument("--resolution", type=_positive_int, default=None, help="image size (default: the model's)")
+    add_sampler_arguments(p)
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per sampling batch (default 64)")
     p.add_argument("--device", default="cpu", help="torch device for sampling and scoring (default cpu)")
     p.add_argument("--max-prompts", type=_positive_int, default=None, help="evaluate only the first K prompts")

@@ -34,7 +34,7 @@ from diffpo.evaluate.grid import save_comparison_grid
 from diffpo.evaluate.scorers import Scorer
 from diffpo.evaluate.stats import summarize
 from diffpo.models import Components, Family, load_components
-from diffpo.sampling import generate
+from diffpo.sampling import SamplerSettings, SamplingError, iter_generate, resolve_settings
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,12 @@ class EvalError(ValueError):
     """An evaluation input is wrong (prompts, weights, scorer, settings); the message names it."""
 
 
-SAMPLER_DEFAULTS: dict[str, Any] = {"num_inference_steps": 25, "guidance_scale": 3.0, "resolution": None, "batch_size": 64}
-"""Settings of ``diffpo.sampling.generate`` an evaluation controls; ``sampler`` overrides them."""
+SAMPLER_DEFAULTS: dict[str, Any] = {**SamplerSettings().as_dict(), "batch_size": 64}
+"""What an evaluation's ``sampler`` may set: ``diffpo.sampling.SamplerSettings`` (None = the
+family's default, resolved before sampling and recorded) and the batch size."""
+NOT_IN_KEY = ("batch_size", "cpu_offload", "vae_slicing")
+"""Settings that do not change the images (each has its own seed; offload and slicing only move
+or split work), so changing them still reuses saved images."""
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -260,7 +264,7 @@ def evaluate_models(
     if images_per_prompt < 1:
         raise EvalError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     plan = _Plan(list(prompts), images_per_prompt, seed)
-    settings = _sampler_settings(sampler)
+    settings = _sampler_settings(base, sampler)
     images_dir = Path(out_dir) / "images" if out_dir is not None else None
     images, reused = _images({"base": base, "tuned": tuned}, plan, settings, images_dir, device, progress)
 
@@ -291,11 +295,20 @@ def evaluate_models(
     }
 
 
-def _sampler_settings(sampler: Mapping[str, Any]) -> dict[str, Any]:
+def _sampler_settings(base: Components, sampler: Mapping[str, Any]) -> dict[str, Any]:
+    """``SAMPLER_DEFAULTS`` updated by ``sampler``, with the family's defaults filled in."""
     unknown = set(sampler) - set(SAMPLER_DEFAULTS)
     if unknown:
         raise EvalError(f"unknown sampler settings {sorted(unknown)}; valid: {', '.join(SAMPLER_DEFAULTS)}")
-    return {**SAMPLER_DEFAULTS, **sampler}
+    settings = {**SAMPLER_DEFAULTS, **sampler}
+    batch_size = settings.pop("batch_size")
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    try:
+        resolved = resolve_settings(base, settings)
+    except SamplingError as err:
+        raise EvalError(str(err)) from None
+    return {**resolved.as_dict(), "batch_size": batch_size}
 
 
 ImageRef = Image.Image | Path
@@ -335,7 +348,7 @@ def _generation_key(models: Mapping[str, Components], plan: _Plan, settings: dic
         "prompts": plan.prompts,
         "images_per_prompt": plan.images_per_prompt,
         "seed": plan.seed,
-        "sampler": {k: v for k, v in settings.items() if k != "batch_size"},
+        "sampler": {k: v for k, v in settings.items() if k not in NOT_IN_KEY},
     }
     return json.loads(json.dumps(key))  # tuples -> lists, as a reread file has them
 
@@ -357,19 +370,15 @@ def _generate(
     progress: bool,
 ) -> list[ImageRef]:
     """Sample in batches; with ``paths`` each batch is saved and dropped, bounding memory."""
-    for module in [components.network, *components.frozen_modules()]:
-        module.to(device)
-    batch = settings["batch_size"]
     sample = {k: v for k, v in settings.items() if k != "batch_size"}
-    prompts, seeds = plan.flat_prompts, plan.seeds
+    batches = iter_generate(components, plan.flat_prompts, plan.seeds, settings=sample, batch_size=settings["batch_size"], device=device, progress=False)
     out: list[ImageRef] = []
-    with tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, len(prompts), batch):
-            images = generate(components, prompts[start : start + batch], seeds[start : start + batch], batch_size=batch, device=device, progress=False, **sample)
+    with tqdm(total=len(plan.seeds), desc=desc, unit="img", disable=not progress) as bar:
+        for images in batches:
             if paths is None:
                 out.extend(images)
             else:
-                for image, path in zip(images, paths[start : start + batch], strict=True):
+                for image, path in zip(images, paths[len(out) : len(out) + len(images)], strict=True):
                     path.parent.mkdir(parents=True, exist_ok=True)
                     image.save(path)
                     out.append(path)
@@ -461,6 +470,7 @@ def format_report(results: Mapping[str, Any]) -> str:
     """``report.md``: the table, then what produced it (models, prompts, seeds, sampler, scorers)."""
     sampler = results["sampler"]
     resolution = sampler["resolution"] or "model default"
+    options = [name for name in ("cpu_offload", "vae_tiling", "vae_slicing") if sampler.get(name)]
     prompt_set = f" from `{results['prompt_set']}`" if results.get("prompt_set") else ""
     lines = [
         "# diffpo eval: tuned vs base",
@@ -477,8 +487,9 @@ def format_report(results: Mapping[str, Any]) -> str:
         f"- tuned model: `{results['models']['tuned']}`",
         f"- prompts: {results['num_prompts']}{prompt_set}, {results['images_per_prompt']} images each",
         f"- seeds: image j of every prompt uses seed {results['seed']} + j, for both models (identical initial noise)",
-        f"- sampler: DDIM, {sampler['num_inference_steps']} steps, guidance {sampler['guidance_scale']}, "
-        f"resolution {resolution}, batch size {sampler['batch_size']}, device {results['device']}",
+        f"- sampler: {sampler.get('scheduler') or 'ddim'}, {sampler['num_inference_steps']} steps, guidance {sampler['guidance_scale']}, "
+        f"resolution {resolution}, batch size {sampler['batch_size']}, dtype {sampler.get('dtype') or 'as loaded'}, device {results['device']}"
+        + (f", {', '.join(options)}" if options else ""),
         f"- images: `{results['images_dir']}`" + (" (reused from an earlier run)" if results["reused_images"] else ""),
         "",
         "## Scorers",

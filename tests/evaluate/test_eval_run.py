@@ -176,7 +176,10 @@ def test_eval_end_to_end_reuses_images_and_reports(trained, tmp_path, monkeypatc
     results = json.loads((out / "results.json").read_text())
     assert {"models", "num_prompts", "images_per_prompt", "seed", "sampler", "scorers", "images_dir", "reused_images"} <= set(results)
     assert (results["num_prompts"], results["images_per_prompt"], results["seed"], results["reused_images"]) == (2, 2, 5, False)
-    assert results["sampler"] == {"num_inference_steps": 2, "guidance_scale": 3.0, "resolution": None, "batch_size": 64}
+    assert results["sampler"] == {  # the sd family's defaults, resolved and recorded
+        "num_inference_steps": 2, "guidance_scale": 7.5, "resolution": 32, "scheduler": "ddim", "dtype": None,
+        "cpu_offload": False, "vae_tiling": False, "vae_slicing": False, "clip_sample": None, "batch_size": 64,
+    }
     summary = results["scorers"]["brightness"]
     assert summary["n"] == 4 and summary["scorer"] == {"name": "brightness"} and 0.0 <= summary["win_rate"] <= 1.0
     assert (out / "report.md").read_text().count("| brightness |") == 1
@@ -197,7 +200,7 @@ def test_eval_end_to_end_reuses_images_and_reports(trained, tmp_path, monkeypatc
     def no_sampling(*args, **kwargs):
         raise AssertionError("generate called although the images could be reused")
 
-    monkeypatch.setattr(run_module, "generate", no_sampling)
+    monkeypatch.setattr(run_module, "iter_generate", no_sampling)
     assert main(eval_args(model, out, "--lora", str(run / "final"))) == 0
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["reused_images"] is True and rerun["scorers"] == results["scorers"]
