@@ -25,17 +25,18 @@ def _explainable_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
-    """Print the objective registry: hparams with defaults, reference need, description."""
-    from diffpo.losses import LOSSES
+    """Print the objective registry: hparams with defaults and allowed ranges, reference need, description."""
+    from diffpo.losses import LOSSES, format_range
 
     rows = []
     for spec in LOSSES.values():
         hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.hparams.items()) or "-"
-        rows.append((spec.name, "yes" if spec.needs_reference else "no", hp, spec.description))
-    header = ("name", "reference", "hparams (defaults)", "description")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+        ranges = ", ".join(f"{k} in {format_range(r)}" for k, r in spec.ranges.items()) or "-"
+        rows.append((spec.name, "yes" if spec.needs_reference else "no", hp, ranges, spec.description))
+    header = ("name", "reference", "hparams (defaults)", "ranges", "description")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
     for row in [header, *rows]:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
     return 0
 
 
