@@ -11,17 +11,20 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from diffpo.config import ConfigError, load_config
 
 
 def _explainable_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what is wrong and what to do: one line, exit code 2 (``-v``: with
+    the traceback). Anything else is a bug and keeps its traceback."""
     from diffpo.data import DataError
     from diffpo.evaluate.run import EvalError
     from diffpo.models import ModelLoadError
     from diffpo.train import TrainingError
 
-    return ConfigError, DataError, EvalError, ModelLoadError, TrainingError, FileNotFoundError
+    return ConfigError, DataError, EvalError, ModelLoadError, TrainingError, FileNotFoundError, PermissionError
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
@@ -38,6 +41,11 @@ def cmd_losses(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
     return 0
+
+
+def validate_train(args: argparse.Namespace) -> None:
+    """``--dry-run``: the config with its overrides, validated (no data read, no model loaded)."""
+    load_config(args.config, args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,11 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=False, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dmpo train.max_steps=3")
     p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (shortcut for accelerate launch)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, validate=validate_train)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
+    _add_common_flags(sub)
     return parser
+
+
+def _add_common_flags(sub: argparse._SubParsersAction) -> None:
+    """Every (sub-)subcommand takes ``-v`` after its name too (``diffpo train ... -v``) and
+    ``--dry-run``: check the command line, config and device, then exit before any work."""
+    for parser in {id(p): p for p in sub.choices.values()}.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _add_common_flags(nested[0])
+            continue
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging; tracebacks for errors")
+        parser.add_argument(
+            "--dry-run", action="store_true",
+            help="validate the arguments, the config and the device, then exit before reading data or loading weights",
+        )
 
 
 # Other modules add subcommands here (demo, toy, eval, ...), keeping this file small.
@@ -114,12 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    command = " ".join(str(getattr(args, k)) for k in ("command", "toy_command", "pairs_command") if getattr(args, k, None))
     try:
+        if getattr(args, "device", None) is not None:
+            from diffpo.devices import resolve_device
+
+            resolve_device(args.device)
+        if args.dry_run:
+            validate = getattr(args, "validate", None)
+            if validate is not None:
+                validate(args)
+            print(f"diffpo {command}: dry run: arguments{', config' if validate else ''} and device are valid; nothing was run")
+            return 0
         return args.func(args)
     except _explainable_errors() as err:
         if args.verbose:
-            raise
-        print(f"diffpo {args.command}: error: {err}", file=sys.stderr)
+            traceback.print_exc()
+        print(f"diffpo {command}: error: {err}", file=sys.stderr)
         return 2
 
 
