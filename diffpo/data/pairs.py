@@ -20,6 +20,7 @@ Every row is validated before training: an undecodable image, a missing caption 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -147,6 +148,18 @@ def looks_local(source: str) -> bool:
     return Path(source).suffix in _LOCAL_SUFFIXES or source.startswith(("/", ".", "~")) or source.count("/") > 1
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs its own read errors before raising; we raise one DataError line instead."""
+    ds_logger = logging.getLogger("datasets")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logger.setLevel(level)
+
+
 def _open_table(source: str, split: str):
     import datasets
 
@@ -161,7 +174,8 @@ def _open_table(source: str, split: str):
         if kind is None:
             raise DataError(f"{source}: unsupported file type '{path.suffix}' (use .jsonl, .json, .parquet or .arrow)")
         try:
-            return datasets.load_dataset(kind, data_files=str(path), split="train")
+            with _quiet_datasets():
+                return datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as err:  # datasets raises many types for an empty, truncated or unreadable file
             raise DataError(f"{source}: cannot read it as a {kind} table ({type(err).__name__}: {err})".replace("\n", " ")) from None
     if path.is_dir():

@@ -43,7 +43,8 @@ def register_cli(sub) -> None:
     p.add_argument("--settings", default="style:outline:0.5,style:outline:1.0,reward:size")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workers", type=int, default=1, help="parallel processes, one per seed")
-    p.add_argument("--collect-only", action="store_true", help="only aggregate the runs already finished")
+    p.add_argument("--collect-only", action="store_true", help="only aggregate the runs already finished (exit 1 if any expected run has no report)")
+    p.add_argument("--allow-partial", action="store_true", help="exit 0 even when some expected runs failed or are missing (they are listed)")
     _add_experiment_args(p)
     p.set_defaults(func=cmd_compare)
 
@@ -74,14 +75,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
     from diffpo.toy.personalize import PersonalizeSettings, format_summary, run_personalization
 
-    from diffpo.config import ConfigError
-
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ConfigError(f"--seeds {args.seeds!r}: use comma-separated integers, e.g. 0,1,2") from None
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {args.seeds!r}: a seed is repeated")
+    seeds = _seeds(args.seeds)
     settings = PersonalizeSettings(
         class_images=args.class_images, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, prior_weight=args.prior_weight,
         mapo_beta=args.mapo_beta, eval_per_prompt=args.eval_per_prompt, drift_per_prompt=args.drift_per_prompt,
@@ -117,12 +111,17 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def _hparams(items: list[str]) -> dict[str, float]:
+    from diffpo.config import ConfigError
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
+        try:
+            out[key] = float(value) if sep else None
+        except ValueError:
+            sep = ""
         if not sep:
-            raise ValueError(f"--hparam {item!r}: use KEY=VALUE")
-        out[key] = float(value)
+            raise ConfigError(f"--hparam {item!r}: use KEY=NUMBER, e.g. beta=0.05")
     return out
 
 
@@ -149,12 +148,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from diffpo.toy.compare import compare, format_table
+def _seeds(text: str) -> list[int]:
+    from diffpo.config import ConfigError
 
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: use comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 1 when an expected (setting, objective, seed) run failed or, with --collect-only, has
+    no report, unless --allow-partial: a table over fewer runs than asked must not pass silently."""
+    import sys
+
+    from diffpo.config import ConfigError
+    from diffpo.losses import get_loss
+    from diffpo.toy.compare import compare, format_missing, format_table, parse_setting
+
+    settings, losses, base_settings = args.settings.split(","), args.losses.split(","), _settings(args, "mapo")
+    for text in settings:  # fail before any run starts
+        try:
+            parse_setting(text, base_settings)
+        except ValueError as err:
+            raise ConfigError(f"--settings: {err}") from None
+    for loss in losses:
+        try:
+            get_loss(loss)
+        except ValueError as err:
+            raise ConfigError(f"--losses: {err}") from None
     summary = compare(
-        args.out, args.settings.split(","), args.losses.split(","), [int(s) for s in args.seeds.split(",")],
-        _settings(args, "mapo"), workers=args.workers, base=args.base, collect_only=args.collect_only,
+        args.out, settings, losses, _seeds(args.seeds), base_settings, workers=args.workers, base=args.base, collect_only=args.collect_only,
     )
     print(format_table(summary))
+    if summary["missing"]:
+        print(f"diffpo toy compare: {format_missing(summary)}", file=sys.stderr, end="")
+        if not args.allow_partial:
+            return 1
     return 0
