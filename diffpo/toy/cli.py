@@ -46,7 +46,7 @@ def register_cli(sub) -> None:
     p.add_argument("--collect-only", action="store_true", help="only aggregate the runs already finished (exit 1 if any expected run has no report)")
     p.add_argument("--allow-partial", action="store_true", help="exit 0 even when some expected runs failed or are missing (they are listed)")
     _add_experiment_args(p)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, validate=validate_compare)
 
     from diffpo.toy.personalize import PersonalizeSettings
 
@@ -160,26 +160,35 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def validate_compare(args: argparse.Namespace) -> None:
+    """Settings, objectives, seeds and hparams, checked before any run starts (and by --dry-run)."""
+    from diffpo.config import ConfigError
+    from diffpo.losses import get_loss
+    from diffpo.toy.compare import parse_setting
+
+    base_settings = _settings(args, "mapo")
+    _seeds(args.seeds)
+    for text in args.settings.split(","):
+        try:
+            parse_setting(text, base_settings)
+        except ValueError as err:
+            raise ConfigError(f"--settings: {err}") from None
+    for loss in args.losses.split(","):
+        try:
+            get_loss(loss)
+        except ValueError as err:
+            raise ConfigError(f"--losses: {err}") from None
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Exit 1 when an expected (setting, objective, seed) run failed or, with --collect-only, has
     no report, unless --allow-partial: a table over fewer runs than asked must not pass silently."""
     import sys
 
-    from diffpo.config import ConfigError
-    from diffpo.losses import get_loss
-    from diffpo.toy.compare import compare, format_missing, format_table, parse_setting
+    from diffpo.toy.compare import compare, format_missing, format_table
 
+    validate_compare(args)
     settings, losses, base_settings = args.settings.split(","), args.losses.split(","), _settings(args, "mapo")
-    for text in settings:  # fail before any run starts
-        try:
-            parse_setting(text, base_settings)
-        except ValueError as err:
-            raise ConfigError(f"--settings: {err}") from None
-    for loss in losses:
-        try:
-            get_loss(loss)
-        except ValueError as err:
-            raise ConfigError(f"--losses: {err}") from None
     summary = compare(
         args.out, settings, losses, _seeds(args.seeds), base_settings, workers=args.workers, base=args.base, collect_only=args.collect_only,
     )
