@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except _explainable_errors() as err:
         if args.verbose:
             traceback.print_exc()
-        print(f"diffpo {command}: error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # libraries' messages span lines
+        print(f"diffpo {command}: error: {message}", file=sys.stderr)
         return 2
 
 

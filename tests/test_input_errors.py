@@ -216,3 +216,25 @@ def test_dry_run_validates_without_running(tmp_path, capsys):
     assert code == 2 and "data.center_crop: must be true" in err
     code, _, err = run_cli(["eval", "--model", "tiny:sd", "--lora", "x", "--prompts", "shapes-heldout", "--scorers", "nope", "--out", "o", "--dry-run"], capsys)
     assert code == 2 and "unknown scorer(s) nope" in err
+
+
+def test_demo_hparam_out_of_range_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("pairs were built before the hparams were checked")
+
+    monkeypatch.setattr("diffpo.toy.demo.build_pairs", no_work)
+    code, _, err = run_cli(["demo", "--out", str(tmp_path / "d"), "--hparam", "beta=-1"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "diffpo demo: error: loss.beta=-1")
+
+
+def test_a_library_message_over_several_lines_is_printed_as_one(tmp_path, capsys, monkeypatch):
+    from diffpo.models import ModelLoadError
+
+    def fails(cfg):
+        raise ModelLoadError("cannot load 'x':\nWe couldn't connect to the hub.\n\nCheck your connection.")
+
+    monkeypatch.setattr("diffpo.train.train", fails)
+    code, _, err = run_cli(["train", "--config", str(REPO / "configs/tiny.yaml"), f"output_dir={tmp_path}"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "cannot load 'x': We couldn't connect to the hub. Check your connection.")

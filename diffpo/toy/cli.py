@@ -35,7 +35,7 @@ def register_cli(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--loss", default="mapo")
     _add_experiment_args(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, validate=validate_demo)
 
     p = toy_sub.add_parser("compare", help="every objective on every task setting over several seeds; a results table")
     p.add_argument("--out", type=Path, required=True)
@@ -135,8 +135,21 @@ def _settings(args: argparse.Namespace, loss: str):
     )
 
 
+def validate_demo(args: argparse.Namespace) -> None:
+    """The objective and its --hparam values (names and ranges), before pairs are built."""
+    from diffpo.config import ConfigError
+    from diffpo.losses import get_loss
+
+    try:
+        get_loss(args.loss).resolve_hparams(_hparams(args.hparam))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffpo.toy.demo import run_experiment
+
+    validate_demo(args)
 
     report = run_experiment(_settings(args, args.loss), args.out, base=args.base)
     lo, hi = report["win_rate_ci"]
