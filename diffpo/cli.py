@@ -107,11 +107,13 @@ def _add_common_flags(sub: argparse._SubParsersAction) -> None:
         if nested:
             _add_common_flags(nested[0])
             continue
-        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging; tracebacks for errors")
-        parser.add_argument(
-            "--dry-run", action="store_true",
-            help="validate the arguments, the config and the device, then exit before reading data or loading weights",
-        )
+        if "-v" not in parser._option_string_actions and "--verbose" not in parser._option_string_actions:
+            parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging; tracebacks for errors")
+        if "--dry-run" not in parser._option_string_actions:  # a subcommand may define its own
+            parser.add_argument(
+                "--dry-run", action="store_true",
+                help="validate the arguments, the config and the device, then exit before reading data or loading weights",
+            )
 
 
 # Other modules add subcommands here (demo, toy, eval, ...), keeping this file small.
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             from diffpo.devices import resolve_device
 
             resolve_device(args.device)
-        if args.dry_run:
+        if getattr(args, "dry_run", False):
             validate = getattr(args, "validate", None)
             if validate is not None:
                 validate(args)

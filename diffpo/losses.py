@@ -169,7 +169,7 @@ class LossSpec:
     description: str = ""
     ranges: Mapping[str, tuple] = field(default_factory=dict)
     """Allowed values of each hparam: ``(low, high, "exclusive" | "inclusive")``, None for no
-    bound; every hparam declares one, and values outside (or non-finite) are refused up front."""
+    bound; ``register`` requires one per hparam, and values outside (or non-finite) are refused."""
     loser_prompt: str = "pair"
     """Which prompt conditions the loser half: ``pair`` (the pair's prompt: a preference
     p(x_w > x_l | c) needs one c) or ``rejected`` (the pair's own ``rejected_prompt``, e.g.
@@ -178,11 +178,11 @@ class LossSpec:
     def __post_init__(self) -> None:
         if self.loser_prompt not in ("pair", "rejected"):
             raise ValueError(f"loss '{self.name}': loser_prompt must be 'pair' or 'rejected', got {self.loser_prompt!r}")
-        if set(self.ranges) != set(self.hparams):
-            raise ValueError(f"loss '{self.name}': ranges must cover exactly its hparams {sorted(self.hparams)}, got {sorted(self.ranges)}")
-        for key, default in self.hparams.items():
-            if self.ranges[key][2] not in ("exclusive", "inclusive") or not _in_range(default, self.ranges[key]):
-                raise ValueError(f"loss '{self.name}': default {key}={default} is outside its range {self.ranges[key]}")
+        if set(self.ranges) - set(self.hparams):
+            raise ValueError(f"loss '{self.name}': ranges for unknown hparams {sorted(set(self.ranges) - set(self.hparams))}")
+        for key, bounds in self.ranges.items():
+            if bounds[2] not in ("exclusive", "inclusive") or not _in_range(self.hparams[key], bounds):
+                raise ValueError(f"loss '{self.name}': default {key}={self.hparams[key]} is outside its range {bounds}")
 
     def resolve_hparams(self, hparams: Mapping[str, float] | None = None) -> dict[str, float]:
         """Defaults overridden by ``hparams``; an unknown name is an error naming the valid ones."""
@@ -192,7 +192,7 @@ class LossSpec:
             valid = ", ".join(self.hparams) or "none"
             raise ValueError(f"loss '{self.name}' has no hparam {', '.join(map(repr, unknown))} (valid: {valid})")
         for key, value in hparams.items():
-            if not _in_range(float(value), self.ranges[key]):
+            if key in self.ranges and not _in_range(float(value), self.ranges[key]):
                 raise ValueError(f"loss.{key}={value:g}: outside the range of '{self.name}' {key}, {format_range(self.ranges[key])}")
         return {**self.hparams, **hparams}
 
@@ -239,9 +239,11 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register(spec: LossSpec) -> LossSpec:
-    """Add an objective to the registry; names are unique."""
+    """Add an objective to the registry; names are unique, and every hparam declares its range."""
     if spec.name in LOSSES:
         raise ValueError(f"loss '{spec.name}' is already registered")
+    if set(spec.ranges) != set(spec.hparams):
+        raise ValueError(f"loss '{spec.name}': declare a range for every hparam ({', '.join(sorted(set(spec.hparams) - set(spec.ranges)))} missing)")
     LOSSES[spec.name] = spec
     return spec
 

@@ -12,7 +12,8 @@ Commands are extracted from README.md, BENCHMARKS.md, benchmarks/*.md (```bash b
   fragment: the subcommand exists and it takes every ``--flag`` quoted.
 - ``python -m MODULE`` / ``accelerate launch -m MODULE`` (not diffpo): every flag appears in
   ``python -m MODULE --help``; ``bash FILE``: the script exists and parses (``bash -n``);
-  ``hf``/``huggingface-cli``: the program is installed and ``<command> --help`` works.
+  ``hf``/``huggingface-cli``/``pip``/``accelerate`` (without ``-m``): the program is installed
+  and ``<command> --help`` works; ``python FILE.py``: the script exists and compiles.
 
 Anything else must be in ``ALLOWED`` with the reason it cannot run here. A failure names the
 file, the line and the command.
@@ -305,6 +306,14 @@ def check(command: Command, capsys) -> None:
             continue
         allowed = next((reason for prefix, reason in ALLOWED.items() if " ".join(words).startswith(prefix)), None)
         if allowed:
+            continue
+        if words[0] in ("python", "python3") and "-m" not in words and words[1:2] and words[1].endswith(".py"):
+            script = REPO / words[1]  # a script: it exists and compiles
+            assert script.is_file(), f"{words[1]} not found"
+            compile(script.read_text(), str(script), "exec")
+            continue
+        if words[0] in ("accelerate", "pip") and "-m" not in words:
+            check_program(words)  # e.g. accelerate config, pip install X: the program and subcommand exist
             continue
         if words[0] in ("accelerate", "python", "python3"):
             module, args = _module_target(words)

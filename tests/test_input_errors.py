@@ -238,3 +238,14 @@ def test_a_library_message_over_several_lines_is_printed_as_one(tmp_path, capsys
     code, _, err = run_cli(["train", "--config", str(REPO / "configs/tiny.yaml"), f"output_dir={tmp_path}"], capsys)
     assert code == 2
     assert_one_line_error(err, "cannot load 'x': We couldn't connect to the hub. Check your connection.")
+
+
+def test_registering_a_loss_needs_a_range_for_every_hparam():
+    from diffpo.losses import LossSpec, register
+
+    spec = LossSpec("no_ranges_loss", lambda err_w, err_l, gamma=1.0: err_w, needs_reference=False, hparams={"gamma": 1.0})
+    with pytest.raises(ValueError, match="declare a range for every hparam \\(gamma missing\\)"):
+        register(spec)
+    assert "no_ranges_loss" not in LOSSES
+    with pytest.raises(ValueError, match="default gamma=1.0 is outside its range"):
+        LossSpec("bad", spec.fn, needs_reference=False, hparams={"gamma": 1.0}, ranges={"gamma": (2, None, "inclusive")})
