@@ -356,3 +356,41 @@ def test_documented_command_runs(command, capsys, tmp_path, monkeypatch):
         check(command, capsys)
     except AssertionError as err:
         pytest.fail(f"{command}\n  -> {err}", pytrace=False)
+
+
+def _train_config(command: Command):
+    """The resolved config of a full ``diffpo train`` command in the docs, or None."""
+    from diffpo.config import load_config
+
+    for words in split_commands(command.text):
+        words = _without_env(words)
+        if words[:1] in (["accelerate"], ["python"], ["python3"]) and "-m" in words:
+            module, args = _module_target(words)
+            words = ["diffpo", *args] if module == "diffpo" else []
+        if words[:2] != ["diffpo", "train"] or command.inline or is_synopsis(words, command.text):
+            continue
+        argv = substitute(words[2:])
+        config = argv[argv.index("--config") + 1] if "--config" in argv else None
+        overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+        return load_config(str(REPO / config) if config else None, overrides)
+    return None
+
+
+def test_documented_resumes_continue_the_same_run():
+    """A documented ``train.resume`` continues the run trained into that output_dir by an earlier
+    command of the same file: every key but the resume itself and max_steps must agree (the
+    README once dropped loss.name=dmpo here and continued a DMPO run as MaPO)."""
+    runs: dict[tuple[str, str], tuple[Command, dict]] = {}
+    for command in COMMANDS:
+        cfg = _train_config(command)
+        if cfg is None:
+            continue
+        flat = cfg.to_dict()
+        key = (command.file, cfg.output_dir)
+        if cfg.train.resume and key in runs:
+            first, before = runs[key]
+            now = {**flat, "train": {**flat["train"], "resume": None, "max_steps": None}}
+            then = {**before, "train": {**before["train"], "resume": None, "max_steps": None}}
+            assert now == then, f"{command} resumes {first} with other settings"
+        elif not cfg.train.resume:
+            runs[key] = (command, flat)
