@@ -1,7 +1,9 @@
 """``diffpo cache``: VAE latents and text embeddings computed once, memory-mapped at training time.
 
-    diffpo cache --config FILE [key=value ...] --out DIR [--shard-size N] [--flip-copies]
+    diffpo cache --config FILE data.center_crop=true [key=value ...] --out DIR [--shard-size N] [--flip-copies]
     diffpo train --config FILE data.cache=DIR
+
+(the run takes the cache's centre crop from ``meta.json``; ``data.center_crop`` need not be repeated)
 
 ``DIR/meta.json`` records what the cache was made with (model, family, resolution, crop, latent
 sampling, dtype, the pairs' count and a hash of their prompts and image references) and its shard
@@ -192,7 +194,11 @@ def build_cache(
 
 
 def check_meta(cache: str | Path, cfg: Config, family: str, records: list[PairRecord]) -> dict:
-    """Read ``cache/meta.json`` and refuse it unless it was made for this config and these pairs."""
+    """Read ``cache/meta.json`` and refuse it unless it was made for this config and these pairs.
+
+    The cache's preprocessing that the config cannot change (its centre crop) is adopted into
+    ``cfg.data``; everything else must match.
+    """
     meta_path = Path(cache) / "meta.json"
     if not meta_path.is_file():
         raise CacheError(f"data.cache: {meta_path} not found (build the cache with `diffpo cache`)")
@@ -201,6 +207,12 @@ def check_meta(cache: str | Path, cfg: Config, family: str, records: list[PairRe
         raise CacheError(f"data.cache: {cache} has cache version {meta.get('version')}, this diffpo reads {CACHE_VERSION}; rebuild it")
     if not meta.get("complete"):
         raise CacheError(f"data.cache: {cache} is incomplete (its build was interrupted); run the same `diffpo cache` command again to finish it")
+    if meta.get("data.center_crop") and not cfg.data.center_crop:
+        # The crop was fixed when the cache was built (always the centre: ``build_cache`` refuses
+        # random crops), so a run from the cache uses it whatever the config says; the config need
+        # not repeat data.center_crop=true, and the run's config.yaml records the crop it used.
+        logger.info("data.cache: %s holds centre crops; training uses them (data.center_crop=true)", cache)
+        cfg.data.center_crop = True
     for key, value in expected_meta(cfg, family, records).items():
         if meta.get(key) != value:
             what = "the pair list" if key in ("num_pairs", "pairs_hash") else "the config"
@@ -270,10 +282,20 @@ def collate_cached(items: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
+def validate_cache(args: argparse.Namespace) -> Config:
+    """The config and the build options, checked before any data is read or model loaded."""
     from diffpo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if not cfg.data.center_crop:
+        raise CacheError("data.center_crop: must be true to build a cache (it stores one crop per image; random crops would be frozen at build time)")
+    if args.shard_size <= 0 or args.batch_size <= 0:
+        raise CacheError(f"--shard-size and --batch-size must be positive, got {args.shard_size} and {args.batch_size}")
+    return cfg
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cfg = validate_cache(args)
     meta_path = build_cache(
         cfg, args.out, shard_size=args.shard_size, flip_copies=args.flip_copies, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, progress=cfg.logging.progress,
@@ -293,4 +315,4 @@ def register_cli(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="pairs encoded at once")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="stored tensor dtype (float16/bfloat16 halve the size)")
-    p.set_defaults(func=cmd_cache)
+    p.set_defaults(func=cmd_cache, validate=validate_cache)

@@ -11,11 +11,14 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from diffpo.config import ConfigError, load_config
 
 
 def _explainable_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what is wrong and what to do: one line, exit code 2 (``-v``: with
+    the traceback). Anything else is a bug and keeps its traceback."""
     from diffpo.checkpoint import CheckpointError
     from diffpo.data import DataError
     from diffpo.evaluate.run import EvalError
@@ -24,22 +27,31 @@ def _explainable_errors() -> tuple[type[BaseException], ...]:
     from diffpo.sampling import SamplingError
     from diffpo.train import TrainingError
 
-    return ConfigError, DataError, EvalError, ModelLoadError, SamplingError, TrainingError, CheckpointError, RunFolderError, FileNotFoundError
+    return (
+        ConfigError, DataError, EvalError, ModelLoadError, SamplingError, TrainingError, CheckpointError, RunFolderError,
+        FileNotFoundError, PermissionError,
+    )
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
-    """Print the objective registry: hparams with defaults, reference need, description."""
-    from diffpo.losses import LOSSES
+    """Print the objective registry: hparams with defaults and allowed ranges, reference need, description."""
+    from diffpo.losses import LOSSES, format_range
 
     rows = []
     for spec in LOSSES.values():
         hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.hparams.items()) or "-"
-        rows.append((spec.name, "yes" if spec.needs_reference else "no", hp, spec.description))
-    header = ("name", "reference", "hparams (defaults)", "description")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+        ranges = ", ".join(f"{k} in {format_range(r)}" for k, r in spec.ranges.items()) or "-"
+        rows.append((spec.name, "yes" if spec.needs_reference else "no", hp, ranges, spec.description))
+    header = ("name", "reference", "hparams (defaults)", "ranges", "description")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
     for row in [header, *rows]:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
     return 0
+
+
+def validate_train(args: argparse.Namespace) -> None:
+    """``--dry-run``: the config with its overrides, validated (no data read, no model loaded)."""
+    load_config(args.config, args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -85,11 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=False, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dmpo train.max_steps=3")
     p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (shortcut for accelerate launch)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, validate=validate_train)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
+    _add_common_flags(sub)
     return parser
+
+
+def _add_common_flags(sub: argparse._SubParsersAction) -> None:
+    """Every (sub-)subcommand takes ``-v`` after its name too (``diffpo train ... -v``) and
+    ``--dry-run``: check the command line, config and device, then exit before any work."""
+    for parser in {id(p): p for p in sub.choices.values()}.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _add_common_flags(nested[0])
+            continue
+        if "-v" not in parser._option_string_actions and "--verbose" not in parser._option_string_actions:
+            parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging; tracebacks for errors")
+        if "--dry-run" not in parser._option_string_actions:  # a subcommand may define its own
+            parser.add_argument(
+                "--dry-run", action="store_true",
+                help="validate the arguments, the config and the device, then exit before reading data or loading weights",
+            )
 
 
 # Other modules add subcommands here (demo, toy, eval, ...), keeping this file small.
@@ -116,12 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    command = " ".join(str(getattr(args, k)) for k in ("command", "toy_command", "pairs_command") if getattr(args, k, None))
     try:
+        if getattr(args, "device", None) is not None:
+            from diffpo.devices import resolve_device
+
+            resolve_device(args.device)
+        if getattr(args, "dry_run", False):
+            validate = getattr(args, "validate", None)
+            if validate is not None:
+                validate(args)
+            print(f"diffpo {command}: dry run: arguments{', config' if validate else ''} and device are valid; nothing was run")
+            return 0
         return args.func(args)
     except _explainable_errors() as err:
         if args.verbose:
-            raise
-        print(f"diffpo {args.command}: error: {err}", file=sys.stderr)
+            traceback.print_exc()
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # libraries' messages span lines
+        print(f"diffpo {command}: error: {message}", file=sys.stderr)
         return 2
 
 

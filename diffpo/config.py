@@ -9,6 +9,7 @@ unknown key or a bad value raises ``ConfigError`` naming the key before any mode
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,25 @@ from diffpo.runs import IDENTITY_KEYS, is_identity_key
 
 class ConfigError(ValueError):
     """A configuration problem, with the dotted key it concerns."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 (PyYAML's default) also reads yes/no/on/off as
+    booleans, so ``mixed_precision: no`` became False and failed; here it stays the string 'no'.
+    Boolean fields still accept yes/no/on/off (``_coerce``)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as diffpo reads configs and overrides (``no``/``off`` stay strings, see ``_YamlLoader``)."""
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -107,8 +127,8 @@ class LossConfig:
         try:
             spec = get_loss(self.name)
             spec.resolve_hparams(self.hparams)
-        except ValueError as err:
-            raise ConfigError(f"loss: {err}") from None
+        except ValueError as err:  # the message names the key (loss.beta=-1: ...) or the loss
+            raise ConfigError(str(err) if str(err).startswith("loss.") else f"loss: {err}") from None
 
 
 @dataclass
@@ -204,6 +224,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
+        # An empty output_dir would write metrics, checkpoints and final/ into the current folder.
+        _check(bool(self.output_dir.strip()), "output_dir", "must not be empty (name the run's folder)")
         # The latent cache holds one text embedding per pair: nothing for a separate loser prompt.
         _check(
             not (self.data.cache and get_loss(self.loss.name).loser_prompt == "rejected"), "data.cache",
@@ -250,6 +272,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if annotation is bool:
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            value = _BOOL_WORDS[value.lower()]
         _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
         return value
     if annotation is int:
@@ -308,7 +332,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
         _check(bool(key.strip()), item, "empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(tree, key.strip(), read_yaml(raw) if raw != "" else "")
     return tree
 
 
@@ -334,7 +358,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(data, dict):

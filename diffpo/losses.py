@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["LOSSES", "LossSpec", "register", "dpo_logit", "mapo_score", "get_loss"]
+__all__ = ["LOSSES", "LossSpec", "register", "dpo_logit", "mapo_score", "get_loss", "format_range"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +140,24 @@ def dmpo_loss(
 # ----------------------------------------------------------------------------------------------
 
 
+def format_range(bounds: tuple) -> str:
+    """``(0, None, "exclusive")`` -> ``(0, inf)``; ``(1, None, "inclusive")`` -> ``[1, inf)``."""
+    low, high, kind = bounds
+    open_ = kind == "exclusive"
+    left = "(" if open_ or low is None else "["
+    right = ")" if open_ or high is None else "]"
+    return f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
+
+
+def _in_range(value: float, bounds: tuple) -> bool:
+    low, high, kind = bounds
+    if not math.isfinite(value):
+        return False
+    if kind == "exclusive":
+        return (low is None or value > low) and (high is None or value < high)
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """One registered objective: its function, whether it needs the reference, and its hparams."""
@@ -149,6 +167,9 @@ class LossSpec:
     needs_reference: bool
     hparams: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
+    ranges: Mapping[str, tuple] = field(default_factory=dict)
+    """Allowed values of each hparam: ``(low, high, "exclusive" | "inclusive")``, None for no
+    bound; ``register`` requires one per hparam, and values outside (or non-finite) are refused."""
     loser_prompt: str = "pair"
     """Which prompt conditions the loser half: ``pair`` (the pair's prompt: a preference
     p(x_w > x_l | c) needs one c) or ``rejected`` (the pair's own ``rejected_prompt``, e.g.
@@ -157,6 +178,11 @@ class LossSpec:
     def __post_init__(self) -> None:
         if self.loser_prompt not in ("pair", "rejected"):
             raise ValueError(f"loss '{self.name}': loser_prompt must be 'pair' or 'rejected', got {self.loser_prompt!r}")
+        if set(self.ranges) - set(self.hparams):
+            raise ValueError(f"loss '{self.name}': ranges for unknown hparams {sorted(set(self.ranges) - set(self.hparams))}")
+        for key, bounds in self.ranges.items():
+            if bounds[2] not in ("exclusive", "inclusive") or not _in_range(self.hparams[key], bounds):
+                raise ValueError(f"loss '{self.name}': default {key}={self.hparams[key]} is outside its range {bounds}")
 
     def resolve_hparams(self, hparams: Mapping[str, float] | None = None) -> dict[str, float]:
         """Defaults overridden by ``hparams``; an unknown name is an error naming the valid ones."""
@@ -165,6 +191,9 @@ class LossSpec:
         if unknown:
             valid = ", ".join(self.hparams) or "none"
             raise ValueError(f"loss '{self.name}' has no hparam {', '.join(map(repr, unknown))} (valid: {valid})")
+        for key, value in hparams.items():
+            if key in self.ranges and not _in_range(float(value), self.ranges[key]):
+                raise ValueError(f"loss.{key}={value:g}: outside the range of '{self.name}' {key}, {format_range(self.ranges[key])}")
         return {**self.hparams, **hparams}
 
     def _check_reference(self, ref_w: Tensor | None, ref_l: Tensor | None) -> None:
@@ -210,9 +239,11 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register(spec: LossSpec) -> LossSpec:
-    """Add an objective to the registry; names are unique."""
+    """Add an objective to the registry; names are unique, and every hparam declares its range."""
     if spec.name in LOSSES:
         raise ValueError(f"loss '{spec.name}' is already registered")
+    if set(spec.ranges) != set(spec.hparams):
+        raise ValueError(f"loss '{spec.name}': declare a range for every hparam ({', '.join(sorted(set(spec.hparams) - set(spec.ranges)))} missing)")
     LOSSES[spec.name] = spec
     return spec
 
@@ -232,6 +263,8 @@ register(
         diffusion_dpo_loss,
         needs_reference=True,
         hparams={"beta": 5000.0},
+        # beta scales the margin h (eq. 14); beta <= 0 flips or removes the preference.
+        ranges={"beta": (0, None, "exclusive")},
         description="Diffusion-DPO (Wallace et al. 2023): -log sigmoid of the reference-relative margin",
     )
 )
@@ -241,6 +274,7 @@ register(
         dreambooth_loss,
         needs_reference=False,
         hparams={"prior_weight": 1.0},
+        ranges={"prior_weight": (0, None, "inclusive")},  # 0: no prior preservation; < 0 would push the class prior away
         description="DreamBooth (Ruiz et al. 2023): err_w + prior_weight * err_l, the loser on its rejected_prompt (class prior)",
         loser_prompt="rejected",
     )
@@ -251,6 +285,9 @@ register(
         mapo_loss,
         needs_reference=False,
         hparams={"beta": 0.1, "snr_value": 0.5, "num_train_timesteps": 1000},
+        # beta = 0 is plain SFT (an ablation); beta < 0 would reward the rejected image. s(m) needs
+        # a > 0 to be decreasing, and T scales a margin, so it must be positive too.
+        ranges={"beta": (0, None, "inclusive"), "snr_value": (0, None, "exclusive"), "num_train_timesteps": (0, None, "exclusive")},
         description="MaPO (Hong et al. 2024): err_w plus a reference-free margin on bounded scores",
     )
 )
@@ -260,6 +297,8 @@ register(
         dmpo_loss,
         needs_reference=True,
         hparams={"beta": 5000.0, "alpha": math.log(999.0)},
+        # alpha is the target margin: sigmoid(alpha) > 1/2 only for alpha > 0 (the chosen image wins).
+        ranges={"beta": (0, None, "exclusive"), "alpha": (0, None, "exclusive")},
         description="DMPO (Li et al. 2025), our reading: reverse KL(sigmoid(h) || sigmoid(alpha))",
     )
 )

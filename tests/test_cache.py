@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from diffpo import cache as cache_module
@@ -21,7 +22,7 @@ def make_cfg(out, data, *, sampling="mode", flip=False, cache=None, **data_extra
         "output_dir": str(out),
         "seed": 5,
         "model": {"pretrained": "tiny:sd", "latent_sampling": sampling, "lora": {"enabled": True, "rank": 4}},
-        "data": {"source": str(data), "resolution": 32, "center_crop": True, "random_flip": flip, "cache": cache and str(cache), **data_extra},
+        "data": {"source": str(data), "resolution": 32, "center_crop": True, "random_flip": flip, "cache": cache and str(cache)} | data_extra,
         "loss": {"name": "mapo"},
         "train": {"batch_size": 2, "max_steps": 1, "learning_rate": 1e-3},
         "logging": {"report_to": "none", "progress": False},
@@ -143,3 +144,16 @@ def test_cache_cli(tmp_path, pair_dir, monkeypatch, capsys):
     assert "4 pairs cached in 2 shard(s)" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
     assert meta["flip_copies"] and meta["dtype"] == "float16" and meta["complete"]
+
+
+def test_training_from_a_cache_takes_its_crop_without_repeating_it(tmp_path, pair_dir, model_cache, flip_cache):
+    """The module docstring's pair: ``diffpo cache ... data.center_crop=true`` then ``diffpo train
+    --config FILE data.cache=DIR``, the config keeping its default data.center_crop=false."""
+    cfg = make_cfg(tmp_path / "run", pair_dir, cache=flip_cache, flip=True, center_crop=False)
+    assert cfg.data.center_crop is False
+    train(cfg, cache_dir=model_cache)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["center_crop"] is True  # the run records the crop it used
+    explicit = make_cfg(tmp_path / "explicit", pair_dir, cache=flip_cache, flip=True)
+    train(explicit, cache_dir=model_cache)
+    assert first_loss(tmp_path / "run") == first_loss(tmp_path / "explicit")

@@ -21,6 +21,7 @@ Every row is validated before training: an undecodable image, a missing caption 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -108,26 +109,38 @@ def _image_ref(value: Any) -> str | bytes | None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines, or a DataError naming it (unreadable, not UTF-8 text)."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file (a JSONL manifest is one JSON object a line)") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
 def _manifest_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any, Any, Any]]:
     base = path.parent
-    with path.open() as handle:
-        for i, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield i, None, None, None, f"not valid JSON ({err.msg})", None
-                continue
-            if not isinstance(item, dict):
-                yield i, None, None, None, "not a JSON object", None
-                continue
-            chosen, rejected = item.get("chosen"), item.get("rejected")
-            chosen = str(base / chosen) if isinstance(chosen, str) else chosen
-            rejected = str(base / rejected) if isinstance(rejected, str) else rejected
-            # A row marked "tie" (diffpo label) is label 0.5, so data.ties drops or orders it.
-            label = 0.5 if item.get("tie") is True else 1.0
-            yield i, item.get("prompt"), chosen, rejected, label, item.get("rejected_prompt")
+    lines = _read_lines(path)
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path}: empty pair manifest (no rows)")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield i, None, None, None, f"not valid JSON ({err.msg})", None
+            continue
+        if not isinstance(item, dict):
+            yield i, None, None, None, "not a JSON object", None
+            continue
+        chosen, rejected = item.get("chosen"), item.get("rejected")
+        chosen = str(base / chosen) if isinstance(chosen, str) else chosen
+        rejected = str(base / rejected) if isinstance(rejected, str) else rejected
+        # A row marked "tie" (diffpo label) is label 0.5, so data.ties drops or orders it.
+        label = 0.5 if item.get("tie") is True else 1.0
+        yield i, item.get("prompt"), chosen, rejected, label, item.get("rejected_prompt")
 
 
 _LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow", ".csv"}
@@ -136,6 +149,18 @@ _LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow", ".csv"}
 def looks_local(source: str) -> bool:
     """A path rather than a hub id: a file suffix, or an explicit relative/absolute/home path."""
     return Path(source).suffix in _LOCAL_SUFFIXES or source.startswith(("/", ".", "~")) or source.count("/") > 1
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs its own read errors before raising; we raise one DataError line instead."""
+    ds_logger = logging.getLogger("datasets")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logger.setLevel(level)
 
 
 def _open_table(source: str, split: str):
@@ -151,9 +176,16 @@ def _open_table(source: str, split: str):
         kind = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
         if kind is None:
             raise DataError(f"{source}: unsupported file type '{path.suffix}' (use .jsonl, .json, .parquet or .arrow)")
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
+        try:
+            with _quiet_datasets():
+                return datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as err:  # datasets raises many types for an empty, truncated or unreadable file
+            raise DataError(f"{source}: cannot read it as a {kind} table ({type(err).__name__}: {err})".replace("\n", " ")) from None
     if path.is_dir():
-        return datasets.load_dataset(str(path), split=split)
+        try:
+            return datasets.load_dataset(str(path), split=split)
+        except Exception as err:
+            raise DataError(f"{source}: cannot load this folder as a dataset (split '{split}'; {type(err).__name__}: {err})".replace("\n", " ")) from None
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as err:
@@ -177,9 +209,13 @@ def _detect_format(source: str) -> str:
     path = Path(source)
     if path.is_dir():
         return "manifest" if (path / "pairs.jsonl").is_file() else "pickapic"
-    if path.suffix == ".jsonl" and path.is_file():
-        with path.open() as handle:
-            first = next((line for line in handle if line.strip()), "{}")
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        # An empty file would reach the datasets loader, which fails with a bare StopIteration.
+        first = next((line for line in _read_lines(path) if line.strip()), None)
+        if first is None:
+            raise DataError(f"{path}: empty file (no pairs)")
+        if path.suffix == ".json":
+            return "pickapic"
         try:
             keys = set(json.loads(first))
         except (json.JSONDecodeError, TypeError):

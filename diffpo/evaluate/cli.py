@@ -44,6 +44,13 @@ def _load_scorer(name: str, device: str) -> Scorer:
         raise EvalError(f"cannot load scorer '{name}': {err}") from err
 
 
+def validate_eval(args: argparse.Namespace) -> None:
+    """``--dry-run``: scorer names and (for a built-in set) the prompt set; no weights loaded."""
+    _scorer_names(args.scorers)
+    if args.prompts in BUILTIN_SETS:
+        load_prompts(args.prompts)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Load prompts and scorers first (cheap, fail fast), then the models, then sample and score."""
     names = _scorer_names(args.scorers)
@@ -91,4 +98,4 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per sampling batch (default 64)")
     p.add_argument("--device", default="cpu", help="torch device for sampling and scoring (default cpu)")
     p.add_argument("--max-prompts", type=_positive_int, default=None, help="evaluate only the first K prompts")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, validate=validate_eval)

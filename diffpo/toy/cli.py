@@ -35,7 +35,7 @@ def register_cli(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--loss", default="mapo")
     _add_experiment_args(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, validate=validate_demo)
 
     p = toy_sub.add_parser("compare", help="every objective on every task setting over several seeds; a results table")
     p.add_argument("--out", type=Path, required=True)
@@ -43,9 +43,10 @@ def register_cli(sub) -> None:
     p.add_argument("--settings", default="style:outline:0.5,style:outline:1.0,reward:size")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workers", type=int, default=1, help="parallel processes, one per seed")
-    p.add_argument("--collect-only", action="store_true", help="only aggregate the runs already finished")
+    p.add_argument("--collect-only", action="store_true", help="only aggregate the runs already finished (exit 1 if any expected run has no report)")
+    p.add_argument("--allow-partial", action="store_true", help="exit 0 even when some expected runs failed or are missing (they are listed)")
     _add_experiment_args(p)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, validate=validate_compare)
 
     from diffpo.toy.personalize import PersonalizeSettings
 
@@ -74,14 +75,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
     from diffpo.toy.personalize import PersonalizeSettings, format_summary, run_personalization
 
-    from diffpo.config import ConfigError
-
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ConfigError(f"--seeds {args.seeds!r}: use comma-separated integers, e.g. 0,1,2") from None
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {args.seeds!r}: a seed is repeated")
+    seeds = _seeds(args.seeds)
     settings = PersonalizeSettings(
         class_images=args.class_images, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, prior_weight=args.prior_weight,
         mapo_beta=args.mapo_beta, eval_per_prompt=args.eval_per_prompt, drift_per_prompt=args.drift_per_prompt,
@@ -117,12 +111,17 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def _hparams(items: list[str]) -> dict[str, float]:
+    from diffpo.config import ConfigError
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
+        try:
+            out[key] = float(value) if sep else None
+        except ValueError:
+            sep = ""
         if not sep:
-            raise ValueError(f"--hparam {item!r}: use KEY=VALUE")
-        out[key] = float(value)
+            raise ConfigError(f"--hparam {item!r}: use KEY=NUMBER, e.g. beta=0.05")
     return out
 
 
@@ -136,8 +135,21 @@ def _settings(args: argparse.Namespace, loss: str):
     )
 
 
+def validate_demo(args: argparse.Namespace) -> None:
+    """The objective and its --hparam values (names and ranges), before pairs are built."""
+    from diffpo.config import ConfigError
+    from diffpo.losses import get_loss
+
+    try:
+        get_loss(args.loss).resolve_hparams(_hparams(args.hparam))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffpo.toy.demo import run_experiment
+
+    validate_demo(args)
 
     report = run_experiment(_settings(args, args.loss), args.out, base=args.base)
     lo, hi = report["win_rate_ci"]
@@ -149,12 +161,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from diffpo.toy.compare import compare, format_table
+def _seeds(text: str) -> list[int]:
+    from diffpo.config import ConfigError
 
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: use comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def validate_compare(args: argparse.Namespace) -> None:
+    """Settings, objectives, seeds and hparams, checked before any run starts (and by --dry-run)."""
+    from diffpo.config import ConfigError
+    from diffpo.losses import get_loss
+    from diffpo.toy.compare import parse_setting
+
+    base_settings = _settings(args, "mapo")
+    _seeds(args.seeds)
+    for text in args.settings.split(","):
+        try:
+            parse_setting(text, base_settings)
+        except ValueError as err:
+            raise ConfigError(f"--settings: {err}") from None
+    for loss in args.losses.split(","):
+        try:
+            get_loss(loss)
+        except ValueError as err:
+            raise ConfigError(f"--losses: {err}") from None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 1 when an expected (setting, objective, seed) run failed or, with --collect-only, has
+    no report, unless --allow-partial: a table over fewer runs than asked must not pass silently."""
+    import sys
+
+    from diffpo.toy.compare import compare, format_missing, format_table
+
+    validate_compare(args)
+    settings, losses, base_settings = args.settings.split(","), args.losses.split(","), _settings(args, "mapo")
     summary = compare(
-        args.out, args.settings.split(","), args.losses.split(","), [int(s) for s in args.seeds.split(",")],
-        _settings(args, "mapo"), workers=args.workers, base=args.base, collect_only=args.collect_only,
+        args.out, settings, losses, _seeds(args.seeds), base_settings, workers=args.workers, base=args.base, collect_only=args.collect_only,
     )
     print(format_table(summary))
+    if summary["missing"]:
+        print(f"diffpo toy compare: {format_missing(summary)}", file=sys.stderr, end="")
+        if not args.allow_partial:
+            return 1
     return 0

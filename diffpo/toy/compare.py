@@ -45,7 +45,7 @@ def _run_seed(job: tuple) -> list[dict]:
             reports.extend(_run_setting(out, text, losses, seed, base_settings, base, collect_only))
         except Exception as err:  # one broken setting must not lose the others' results
             print(f"[seed {seed}] {text}: FAILED: {type(err).__name__}: {err}", flush=True)
-            reports.append({"setting": text, "seed": seed, "error": f"{type(err).__name__}: {err}"})
+            reports.extend({"setting": text, "seed": seed, "method": loss, "error": f"{type(err).__name__}: {err}"} for loss in losses)
     return reports
 
 
@@ -64,7 +64,12 @@ def _run_setting(out, text: str, losses: list[str], seed: int, base_settings: De
         if not done.is_file() and collect_only:
             continue
         if not done.is_file():
-            run_experiment(replace(settings, loss=loss), run_dir, base=base, pairs=pairs, progress=False)
+            try:
+                run_experiment(replace(settings, loss=loss), run_dir, base=base, pairs=pairs, progress=False)
+            except Exception as err:  # the other objectives of this setting still run
+                print(f"[seed {seed}] {text} {loss}: FAILED: {type(err).__name__}: {err}", flush=True)
+                reports.append({"setting": text, "seed": seed, "method": loss, "error": f"{type(err).__name__}: {err}"})
+                continue
         report = json.loads(done.read_text())
         report.update(setting=text, seed=seed)
         reports.append(report)
@@ -89,6 +94,8 @@ def compare(
     reports = [r for batch in per_seed for r in batch]
     summary = aggregate([r for r in reports if "error" not in r], settings, losses)
     summary["errors"] = [r for r in reports if "error" in r]
+    summary["missing"] = missing_runs(reports, settings, losses, seeds)
+    summary["expected_runs"] = len(settings) * len(losses) * len(seeds)
     summary["meta"] = {
         "seconds": time.perf_counter() - started, "workers": workers, "seeds": seeds, "device": base_settings.device,
         "python": platform.python_version(), "settings": {k: v for k, v in vars(base_settings).items() if k not in ("task", "loss")},
@@ -102,9 +109,30 @@ def compare(
     except ImportError:  # pragma: no cover
         pass
     (out / "results.json").write_text(json.dumps({"summary": summary, "runs": reports}, indent=2))
-    (out / "results.md").write_text(format_table(summary))
+    (out / "results.md").write_text(format_table(summary) + ("\n" + format_missing(summary) if summary["missing"] else ""))
     plot(summary, out / "results.png")
     return summary
+
+
+def missing_runs(reports: list[dict], settings: list[str], losses: list[str], seeds: list[int]) -> list[dict]:
+    """Every expected (setting, objective, seed) run without a finished report, with the reason
+    (its error, or that no report was found): a table over fewer seeds than asked must say so."""
+    done = {(r["setting"], r["method"], r["seed"]) for r in reports if "error" not in r}
+    errors = {(r["setting"], r["method"], r["seed"]): r["error"] for r in reports if "error" in r}
+    return [
+        {"setting": text, "loss": loss, "seed": seed, "reason": errors.get((text, loss, seed), "no report.json (not run)")}
+        for text in settings for loss in losses for seed in seeds if (text, loss, seed) not in done
+    ]
+
+
+def format_missing(summary: dict) -> str:
+    """One line per missing run; empty when every expected run finished."""
+    missing = summary.get("missing", [])
+    if not missing:
+        return ""
+    lines = [f"{len(missing)} of {summary['expected_runs']} expected runs are missing (the table averages only the others):"]
+    lines += [f"- {m['setting']} {m['loss']} seed {m['seed']}: {m['reason']}" for m in missing]
+    return "\n".join(lines) + "\n"
 
 
 def _stat(values: list[float]) -> dict:

@@ -252,9 +252,23 @@ def test_lora_and_checkpoint_load_the_same_trained_network(trained):
 def test_full_checkpoint_and_full_tuned_model(trained, tmp_path):
     from safetensors.torch import save_file
 
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
     model, _ = trained
-    base, same = load_tuned(str(model), tuned_model=str(model))
-    torch.testing.assert_close(forward(base.network), forward(same.network), rtol=0, atol=0)
+    # --tuned-model: another full pipeline folder (the base's with its UNet shifted), not the base itself
+    other = tmp_path / "tuned_pipeline"
+    shutil.copytree(model, other)
+    unet = UNet2DConditionModel.from_pretrained(other / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02)
+    unet.save_pretrained(other / "unet")
+    base, tuned_full = load_tuned(str(model), tuned_model=str(other))
+    assert not torch.allclose(forward(base.network), forward(tuned_full.network))
+    for key, value in tuned_full.network.state_dict().items():
+        torch.testing.assert_close(value, unet.state_dict()[key], rtol=0, atol=0)
     state = {k: v + 0.01 for k, v in base.network.state_dict().items()}
     (tmp_path / "checkpoint-1").mkdir()
     save_file(state, tmp_path / "checkpoint-1" / "model.safetensors")
