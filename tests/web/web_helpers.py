@@ -67,7 +67,7 @@ def write_eval_folder(out: Path, prompts: list[str], images_per_prompt: int = 2)
     from diffpo.evaluate import run as run_module
 
     def fake_generate(components, prompts, seeds, **kwargs):
-        """Draws the prompt's shape; the base model gets the colour wrong for odd seeds, the tuned one never."""
+        """One batch (the sampler's iter_generate protocol) that draws the prompt's shape; the base model gets the colour wrong for odd seeds, the tuned one never."""
         tuned = "LoRA" in components.source
         images = []
         for prompt, seed in zip(prompts, seeds):
@@ -75,11 +75,13 @@ def write_eval_folder(out: Path, prompts: list[str], images_per_prompt: int = 2)
             if not tuned and seed % 2:
                 color = list(COLORS)[(list(COLORS).index(color) + 1) % len(COLORS)]
             images.append(shape_image(color, "circle" if "circle" in prompt else "square", (seed * 3 + tuned) % 5))
-        return images
+        yield images
 
     models = [SimpleNamespace(source=name, extras={}, network=torch.nn.Identity(), frozen_modules=lambda: []) for name in ("toy:base", "toy:base + LoRA runs/mapo/final/pytorch_lora_weights.safetensors")]
     mp = pytest.MonkeyPatch()
-    mp.setattr(run_module, "generate", fake_generate)
+    mp.setattr(run_module, "iter_generate", fake_generate)
+    # No family behind the stand-in models: the settings are recorded as given.
+    mp.setattr(run_module, "resolve_settings", lambda components, settings=None, **o: run_module.SamplerSettings.from_any(settings, **o))
     try:
         results = run_module.evaluate_models(*models, prompts, images_per_prompt=images_per_prompt, seed=0,
                                              scorers={"brightness": BrightnessScorer(), "redness": BrightnessScorer(0)},
