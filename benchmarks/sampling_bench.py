@@ -64,7 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per side (alternating); the median is reported")
     p.add_argument("--train-steps", type=int, default=1)
-    p.add_argument("--eval-prompts", type=int, default=2, help="prompts of the end-to-end diffpo eval run (1 image each)")
+    p.add_argument("--eval-prompts", type=int, default=2, help="prompts of the end-to-end diffpo eval run (1 image each; 0 skips it)")
+    p.add_argument("--control", action="store_true",
+                   help="also time a second, identically loaded diffusers pipeline (the noise floor: its ratio to the first should be 1) "
+                        "and diffpo's pipeline object called directly (generate()'s per-call set-up excluded)")
     p.add_argument("--workdir", type=Path, default=None, help="where the model, run and eval go (default: a temporary folder, removed)")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     return p.parse_args(argv)
@@ -200,6 +203,24 @@ def diffusers_sampler(model: Path, run: Path, args):
     return sample, pipe
 
 
+def diffpo_pipeline_sampler(tuned, args):
+    """diffpo's own pipeline object (``Family.sampler``), built once and called directly: what
+    ``generate`` runs per batch, without its per-call set-up (settings, moves, pipeline build)."""
+    from diffpo.sampling import resolve_settings
+
+    settings = resolve_settings(tuned, num_inference_steps=args.steps, guidance_scale=args.guidance, dtype=args.dtype)
+    sampler = tuned.family.sampler(tuned, tuned.network, settings, torch.device(args.device))
+
+    def sample(prompts, seeds):
+        images = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), args.batch_size):
+                images += sampler(prompts[start : start + args.batch_size], seeds[start : start + args.batch_size])
+        return images
+
+    return sample
+
+
 def timed(sample, prompts, seeds, device) -> tuple[float, list[Image.Image]]:
     _sync(device)
     started = time.perf_counter()
@@ -218,20 +239,26 @@ def main(argv=None) -> dict:
         model = build_model(arch.name, work / "model", args.device)
         build_s = time.perf_counter() - started
         run, train_record = train_lora(model, work, args, arch.resolution)
-        eval_record = eval_end_to_end(model, run, work, args)
+        eval_record = eval_end_to_end(model, run, work, args) if args.eval_prompts > 0 else None
 
         prompts = [PROMPTS[k % len(PROMPTS)] for k in range(args.images)]
         seeds = list(range(args.images))
         ours, ours_model = diffpo_sampler(model, run, args)
         theirs, theirs_pipe = diffusers_sampler(model, run, args)
+        sides = {"diffpo": ours, "diffusers": theirs}
+        if args.control:
+            sides["diffusers_b"] = diffusers_sampler(model, run, args)[0]
+            sides["diffpo_pipeline"] = diffpo_pipeline_sampler(ours_model, args)
         warm = min(args.batch_size, args.images)
-        ours(prompts[:warm], seeds[:warm])  # warm-up: kernels, allocator, cuDNN autotuning
-        theirs(prompts[:warm], seeds[:warm])
-        times = {"diffpo": [], "diffusers": []}
+        for sample in sides.values():  # warm-up: kernels, allocator, cuDNN autotuning
+            sample(prompts[:warm], seeds[:warm])
+        times = {label: [] for label in sides}
         images = {}
-        for _ in range(args.repeats):
-            for label, sample in (("diffpo", ours), ("diffusers", theirs)):
-                seconds, images[label] = timed(sample, prompts, seeds, args.device)
+        labels = list(sides)
+        for repeat in range(args.repeats):
+            # Rotate the order each repeat, so no side always runs right after the same other one.
+            for label in labels[repeat % len(labels) :] + labels[: repeat % len(labels)]:
+                seconds, images[label] = timed(sides[label], prompts, seeds, args.device)
                 times[label].append(seconds)
         diff = [np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)) for a, b in zip(images["diffpo"], images["diffusers"], strict=True)]
         rate = {label: args.images / statistics.median(t) for label, t in times.items()}
@@ -242,6 +269,7 @@ def main(argv=None) -> dict:
                          "dtype": args.dtype, "device": args.device, "repeats": args.repeats},
             "images_per_s": {label: round(value, 4) for label, value in rate.items()},
             "ratio_diffpo_over_diffusers": round(rate["diffpo"] / rate["diffusers"], 4),
+            "ratios_over_diffusers": {label: round(value / rate["diffusers"], 4) for label, value in rate.items()},
             "seconds": {label: [round(t, 3) for t in values] for label, values in times.items()},
             "same_images": {"max_abs_pixel_diff": int(max(d.max() for d in diff)), "mean_abs_pixel_diff": float(np.mean([d.mean() for d in diff]))},
             "diffpo_sampler": resolve_settings(ours_model, num_inference_steps=args.steps, guidance_scale=args.guidance, dtype=args.dtype).as_dict(),
