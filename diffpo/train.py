@@ -490,6 +490,7 @@ def log_record(accelerator, cfg: Config, metrics_path: Path, record: dict) -> No
 
 
 def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
+    """Fine-tune as ``cfg`` says: the setup steps in order, one loop, then the final weights."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
