@@ -25,7 +25,9 @@ A case is ``RECIPE/OBJECTIVE/MODE``:
 
 Every case runs the trainer's own step: ``diffpo.train.pair_errors`` (encoding when uncached, noise,
 one forward over both images, the reference), the objective from ``diffpo.losses``, backward, and
-the optimizer from ``diffpo.train.build_optimizer`` / the public scripts' AdamW. Reported per case:
+the optimizer from ``diffpo.train.setup_optimizer`` / the public scripts' AdamW. A diffpo case's
+network, reference and optimizer are set up by the trainer's own setup steps from the case's
+config (``diffpo.train.make_trainable``, ``setup_optimizer``, ``compile_model``). Reported per case:
 median step time, pairs/s, peak memory, and model FLOP utilisation = counted FLOPs / time / the
 bf16 matmul peak measured in the same run (FLOPs counted with ``torch.utils.flop_counter`` on a
 one-pair step with checkpointing off, so recomputation is not counted, and scaled by the pairs).
@@ -107,67 +109,74 @@ class Case:
 
 
 def _train_config(case: Case):
+    """The diffpo training config of a case: what a user would write to train this way."""
     from diffpo.config import config_from_dict
 
-    train = {"learning_rate": 1e-5, "adam_weight_decay": 1e-2, "mixed_precision": "bf16"}
+    train = {"learning_rate": 1e-5, "adam_weight_decay": 1e-2, "mixed_precision": "bf16", "channels_last": case.channels_last}
     if case.bf16_weights:
         train["weight_dtype"] = "bf16"
-    return config_from_dict({"model": {"pretrained": "benchmark"}, "data": {"source": "benchmark"}, "loss": {"name": "mapo" if case.objective == "unet" else case.objective}, "train": train})
+    lora = {"enabled": case.mode == "lora", "rank": LORA_RANK, "alpha": float(LORA_RANK), "target_modules": LORA_TARGETS}
+    model = {"pretrained": "benchmark", "lora": lora, "gradient_checkpointing": case.checkpointing}
+    return config_from_dict({"model": model, "data": {"source": "benchmark"}, "loss": {"name": "mapo" if case.objective == "unet" else case.objective}, "train": train})
 
 
 class Setup:
-    """The trained UNet, the reference, the optimizer and a fixed batch for one case."""
+    """The trained UNet, the reference, the optimizer and a fixed batch for one case.
+
+    diffpo cases are set up by the trainer's own steps (``diffpo.train.make_trainable``,
+    ``setup_optimizer``, ``compile_model``) from the case's config; public cases by their own code
+    below, which imitates the public scripts."""
 
     def __init__(self, arch: Arch, case: Case, pairs: int, device: torch.device, encoders=None, accelerator=None):
         from diffusers import DDPMScheduler
 
-        from diffpo.config import LoraConfig
         from diffpo.losses import get_loss
-        from diffpo.models import FAMILIES, Components, Reference, add_lora, trainable_parameters
-        from diffpo.train import build_optimizer
+        from diffpo.models import FAMILIES, Components
+        from diffpo.train import make_trainable, setup_optimizer
 
         self.arch, self.case, self.pairs, self.device = arch, case, pairs, device
-        unet = build_unet(arch, device)
-        if case.mode == "lora":
-            add_lora(unet, LoraConfig(rank=LORA_RANK, alpha=float(LORA_RANK), target_modules=LORA_TARGETS))
-        else:
-            unet.requires_grad_(True)
-        if case.checkpointing:
-            unet.enable_gradient_checkpointing()
-        if case.channels_last:
-            unet.to(memory_format=torch.channels_last)
-        unet.train()
-        self.spec = get_loss("mapo" if case.objective == "unet" else case.objective)
-        self.hparams = self.spec.resolve_hparams({})
-        needs_reference = self.spec.needs_reference and case.objective != "unet"
-        if case.public:
-            # a separate frozen reference UNet in bf16 (the Diffusion-DPO script's ref_unet)
-            self.reference = Reference(unet, use_lora=False) if needs_reference else None
-            if self.reference is not None:
-                self.reference.frozen.to(torch.bfloat16)
-        else:
-            if case.bf16_weights:
-                unet.to(torch.bfloat16)
-            self.reference = Reference(unet, use_lora=case.mode == "lora") if needs_reference else None
-            if self.reference is not None and self.reference.frozen is not None:
-                self.reference.frozen.to(torch.bfloat16)
         cfg = _train_config(case)
-        params = trainable_parameters(unet)
-        self.trainable = sum(p.numel() for p in params)
+        self.spec = get_loss(cfg.loss.name)  # "unet" measures mapo's setup (no reference) without its loss
+        self.hparams = self.spec.resolve_hparams({})
+        unet = build_unet(arch, device)
+        family = FAMILIES[arch.family]()
+        vae, text_encoders, tokenizers = encoders if (case.public and encoders) else (None, [], [])
+        extras = {"vae_scale_factor": 2 ** (len(arch.vae["block_out_channels"]) - 1)}
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        self.components = Components(family, unet, scheduler, text_encoders, tokenizers, vae=vae, extras=extras)
         if case.public:
+            unet, self.reference, params = self._public_unet(unet, cfg)
             self.optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.adam_weight_decay)
         else:
-            self.optimizer = build_optimizer(params, cfg, device)
+            self.model = make_trainable(self.components, cfg, self.spec, device)
+            self.reference = self.model.reference
+            optim = setup_optimizer(cfg, unet, device)
+            params, self.optimizer = optim.params, optim.optimizer
+        self.trainable = sum(p.numel() for p in params)
         if accelerator is not None:
             unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
         else:
             _autocast_forward(unet, device.type)  # what accelerate does to a prepared model's forward
         self.unet = unet
-        family = FAMILIES[arch.family]()
-        vae, text_encoders, tokenizers = encoders if (case.public and encoders) else (None, [], [])
-        extras = {"vae_scale_factor": 2 ** (len(arch.vae["block_out_channels"]) - 1)}
-        self.components = Components(family, unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), text_encoders, tokenizers, vae=vae, extras=extras)
+        if not case.public:
+            self.model.network = unet
         self.batch = self._batch(pairs)
+
+    def _public_unet(self, unet, cfg):
+        """The public scripts' setup: float32 weights, a separate frozen bf16 reference UNet for
+        DPO/DMPO (the Diffusion-DPO script's ref_unet), gradient checkpointing."""
+        from diffpo.models import Reference, add_lora, trainable_parameters
+
+        if self.case.mode == "lora":
+            add_lora(unet, cfg.model.lora)
+        else:
+            unet.requires_grad_(True)
+        unet.enable_gradient_checkpointing()
+        unet.train()
+        reference = Reference(unet, use_lora=False) if self.spec.needs_reference and self.case.objective != "unet" else None
+        if reference is not None:
+            reference.frozen.to(torch.bfloat16)
+        return unet, reference, trainable_parameters(unet)
 
     def _batch(self, pairs: int) -> dict:
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -186,12 +195,9 @@ class Setup:
     def compile(self) -> None:
         """Regional torch.compile of the trained UNet and of a frozen reference copy (after the FLOP
         count, which runs eagerly)."""
-        from diffpo.fastpath import compile_network
+        from diffpo.train import compile_model
 
-        unwrapped = getattr(self.unet, "module", self.unet)
-        compile_network(unwrapped, "regional")
-        if self.reference is not None and self.reference.frozen is not None:
-            compile_network(self.reference.frozen, "regional")
+        compile_model(self.model, "regional")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)

@@ -7,13 +7,15 @@ of shape (B,). The training loss is its mean. A lower error means a higher likel
 diffusion ELBO), so "the model prefers x_w" means ``err_w < err_l``.
 
 Formulas: ../shared/LOSSES.md. Adding an objective = one function + one ``register`` call + tests;
-the trainer never changes.
+the trainer never changes (tests/test_extending.py does it from a test module).
 
 Public contract::
 
     from diffpo.losses import LOSSES
     spec = LOSSES["mapo"]
-    spec.needs_reference          # bool
+    spec.needs_reference          # bool: the trainer computes ref_w/ref_l only then
+    spec.loser_prompt             # "pair" | "rejected": which prompt conditions the loser image
+    spec.margin                   # the preference logit logged as "margin"
     loss = spec(err_w, err_l, ref_w=None, ref_l=None, beta=0.1)   # (B,)
     spec.metrics(err_w, err_l, ref_w, ref_l, **hparams)           # dict[str, float]
 """
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["LOSSES", "LossSpec", "register", "dpo_logit", "mapo_score", "get_loss", "format_range"]
+__all__ = ["LOSSES", "LossSpec", "register", "unregister", "dpo_logit", "mapo_score", "get_loss", "format_range", "error_gap_margin", "dpo_margin", "mapo_margin"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def mapo_loss(
     The first term (weight 1) is the likelihood term on the preferred image; the second widens the
     margin between the two bounded scores. Reference-free. Follows mapo-t2i/mapo utils.py.
     """
-    margin = num_train_timesteps * (mapo_score(err_w, snr_value) - mapo_score(err_l, snr_value))
+    margin = mapo_margin(err_w, err_l, snr_value=snr_value, num_train_timesteps=num_train_timesteps)
     return err_w - beta * F.logsigmoid(margin)
 
 
@@ -136,6 +138,28 @@ def dmpo_loss(
 
 
 # ----------------------------------------------------------------------------------------------
+# Margins: each objective's own preference logit, logged as ``margin`` (> 0: the model prefers
+# x_w) and ``implicit_accuracy`` (the fraction of pairs with margin > 0, LOSSES.md). A spec names
+# its margin; extra hparams are ignored.
+# ----------------------------------------------------------------------------------------------
+
+
+def error_gap_margin(err_w: Tensor, err_l: Tensor, ref_w=None, ref_l=None, **hparams) -> Tensor:
+    """err_l - err_w: the likelihood gap itself (reference-free losses without a logit of their own)."""
+    return err_l - err_w
+
+
+def dpo_margin(err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float, **hparams) -> Tensor:
+    """DPO's implicit reward margin h (``dpo_logit``): needs the reference errors and ``beta``."""
+    return dpo_logit(err_w, err_l, ref_w, ref_l, beta)
+
+
+def mapo_margin(err_w: Tensor, err_l: Tensor, ref_w=None, ref_l=None, *, snr_value: float, num_train_timesteps: int, **hparams) -> Tensor:
+    """MaPO's margin T * (s(err_w) - s(err_l)), the argument of its log-sigmoid (``mapo_loss``)."""
+    return num_train_timesteps * (mapo_score(err_w, snr_value) - mapo_score(err_l, snr_value))
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
 
@@ -160,7 +184,9 @@ def _in_range(value: float, bounds: tuple) -> bool:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One registered objective: its function, whether it needs the reference, and its hparams."""
+    """One registered objective and what it needs from the trainer, declared, so that the trainer
+    has no branch on a loss's name: the reference model's errors (``needs_reference``), which
+    prompt conditions the loser (``loser_prompt``), and the margin it logs (``margin``)."""
 
     name: str
     fn: Callable[..., Tensor]
@@ -174,6 +200,9 @@ class LossSpec:
     """Which prompt conditions the loser half: ``pair`` (the pair's prompt: a preference
     p(x_w > x_l | c) needs one c) or ``rejected`` (the pair's own ``rejected_prompt``, e.g.
     DreamBooth's class prompt; pairs without one are an error)."""
+    margin: Callable[..., Tensor] = error_gap_margin
+    """The preference logit logged as ``margin``: ``margin(err_w, err_l, ref_w, ref_l, **hparams)``
+    (``dpo_margin``, ``mapo_margin``, or the default ``error_gap_margin``)."""
 
     def __post_init__(self) -> None:
         if self.loser_prompt not in ("pair", "rejected"):
@@ -212,9 +241,9 @@ class LossSpec:
     def metrics(self, err_w: Tensor, err_l: Tensor, ref_w: Tensor | None = None, ref_l: Tensor | None = None, **hparams) -> dict[str, float]:
         """Logging metrics shared by every objective, so no loss needs its own logging code.
 
-        ``margin`` is the objective's own preference logit: DPO's h for reference-based losses,
-        MaPO's T*(s(err_w) - s(err_l)) for mapo, and err_l - err_w otherwise. Implicit accuracy is
-        the fraction of pairs with margin > 0 (LOSSES.md).
+        ``margin`` is the objective's own preference logit, the spec's ``margin`` function: DPO's h
+        for diffusion_dpo and dmpo, MaPO's T*(s(err_w) - s(err_l)) for mapo, err_l - err_w by
+        default. Implicit accuracy is the fraction of pairs with margin > 0 (LOSSES.md).
         """
         resolved = self.resolve_hparams(hparams)
         err_w, err_l = err_w.detach().float(), err_l.detach().float()
@@ -222,15 +251,8 @@ class LossSpec:
         if ref_w is not None and ref_l is not None:
             ref_w, ref_l = ref_w.detach().float(), ref_l.detach().float()
             out.update(ref_w=ref_w.mean().item(), ref_l=ref_l.mean().item())
-        if self.needs_reference:
-            self._check_reference(ref_w, ref_l)
-            margin = dpo_logit(err_w, err_l, ref_w, ref_l, resolved["beta"])
-        elif self.name == "mapo":
-            margin = resolved["num_train_timesteps"] * (
-                mapo_score(err_w, resolved["snr_value"]) - mapo_score(err_l, resolved["snr_value"])
-            )
-        else:
-            margin = err_l - err_w
+        self._check_reference(ref_w, ref_l)
+        margin = self.margin(err_w, err_l, ref_w, ref_l, **resolved)
         out.update(margin=margin.mean().item(), implicit_accuracy=(margin > 0).float().mean().item())
         return out
 
@@ -246,6 +268,11 @@ def register(spec: LossSpec) -> LossSpec:
         raise ValueError(f"loss '{spec.name}': declare a range for every hparam ({', '.join(sorted(set(spec.hparams) - set(spec.ranges)))} missing)")
     LOSSES[spec.name] = spec
     return spec
+
+
+def unregister(name: str) -> LossSpec:
+    """Remove an objective from the registry (a test's or a notebook's own loss); returns its spec."""
+    return LOSSES.pop(name)
 
 
 def get_loss(name: str) -> LossSpec:
@@ -265,6 +292,7 @@ register(
         hparams={"beta": 5000.0},
         # beta scales the margin h (eq. 14); beta <= 0 flips or removes the preference.
         ranges={"beta": (0, None, "exclusive")},
+        margin=dpo_margin,
         description="Diffusion-DPO (Wallace et al. 2023): -log sigmoid of the reference-relative margin",
     )
 )
@@ -288,6 +316,7 @@ register(
         # beta = 0 is plain SFT (an ablation); beta < 0 would reward the rejected image. s(m) needs
         # a > 0 to be decreasing, and T scales a margin, so it must be positive too.
         ranges={"beta": (0, None, "inclusive"), "snr_value": (0, None, "exclusive"), "num_train_timesteps": (0, None, "exclusive")},
+        margin=mapo_margin,
         description="MaPO (Hong et al. 2024): err_w plus a reference-free margin on bounded scores",
     )
 )
@@ -299,6 +328,7 @@ register(
         hparams={"beta": 5000.0, "alpha": math.log(999.0)},
         # alpha is the target margin: sigmoid(alpha) > 1/2 only for alpha > 0 (the chosen image wins).
         ranges={"beta": (0, None, "exclusive"), "alpha": (0, None, "exclusive")},
+        margin=dpo_margin,
         description="DMPO (Li et al. 2025), our reading: reverse KL(sigmoid(h) || sigmoid(alpha))",
     )
 )

@@ -1,7 +1,8 @@
 """The training loop on accelerate: errors -> loss -> backward -> step -> log -> checkpoint.
 
-Read it top to bottom: ``train`` sets things up, ``pair_errors`` is the one place where the model
-runs, and the loop is flat. Any registered objective trains without changes here: the loss spec
+Read it top to bottom: ``pair_errors`` is the one place where the model runs; the ``setup_*``
+steps (accelerator, data, run folder, model, optimizer), ``prepare`` and ``restore`` each do one
+thing; ``train`` calls them in order, then runs one flat loop, then ``save_final``. Any registered objective trains without changes here: the loss spec
 says whether the reference model is needed, and its ``metrics`` are logged as they come.
 
 Reproducibility: noise, timesteps and VAE posterior samples come from CPU generators seeded by
@@ -215,20 +216,54 @@ def _flat_config(cfg: Config) -> dict:
     return flat
 
 
-def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
+# ----------------------------------------------------------------------------------------------
+# Setup: one named step each, in the order train() runs them. The benchmark harness
+# (benchmarks/train_step.py) builds its trained network with make_trainable and setup_optimizer.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    records: list
+    dataset: PairDataset | CachedPairDataset
+    sampler: EpochSampler
+    dataloader: DataLoader
+    cache_meta: dict | None
+    global_batch: int
+
+
+@dataclass
+class Run:
+    identity: dict
+    resume_from: Path | None
+
+
+@dataclass
+class Model:
+    components: Components
+    network: torch.nn.Module
+    reference: Reference | None
+    use_lora: bool
+
+
+@dataclass
+class Optim:
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+
+
+def setup_accelerator(cfg: Config):
+    """The Accelerator, seeded, after the checks that depend on its distributed type."""
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    started = time.perf_counter()
-    output_dir = Path(cfg.output_dir)
-    tc = cfg.train
-    # accelerate keeps one AcceleratorState per process: a second run in the same process (a
-    # notebook, the toy comparison) may ask for another precision. The distributed part
-    # (PartialState: ranks, process group) is kept.
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
+    tc, output_dir = cfg.train, Path(cfg.output_dir)
+    # Still needed: accelerate keeps one AcceleratorState per process, and a second Accelerator
+    # with another mixed_precision raises "AcceleratorState has already been initialized and
+    # cannot be changed" (checked with accelerate 1.x). Runs share a process in the test suite, a
+    # notebook and the toy comparison. The distributed part (PartialState: ranks, process group) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         # Windows may span epochs: the step count must not depend on where an epoch ends.
@@ -238,15 +273,21 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     set_seed(cfg.seed)
-    spec: LossSpec = get_loss(cfg.loss.name)
-    hparams = spec.resolve_hparams(cfg.loss.hparams)
-
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type == DistributedType.FSDP and cfg.model.lora.enabled:
         raise TrainingError("LoRA under FSDP is not supported (adapters are small: train LoRA with DDP, configs/accelerate/ddp.yaml)")
+    if tc.weight_dtype == "bf16" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise TrainingError(
+            "train.weight_dtype=bf16 is for single-GPU and DDP runs: FSDP and DeepSpeed keep their own float32 "
+            "master shards; use mixed_precision bf16 in their accelerate config instead"
+        )
+    return accelerator
 
-    # Data first: bad data stops the run before any model loads.
+
+def setup_data(cfg: Config, accelerator, spec: LossSpec, cache_dir: Path | None = None) -> Data:
+    """The pairs (checked against what the loss needs), the latent cache's metadata, and the
+    data loader. Runs before any model loads: bad data stops the run early. Nothing here draws
+    from the global RNG (setup_model seeds it again anyway)."""
+    tc = cfg.train
     records, report = load_pair_records(cfg.data, seed=cfg.seed)
     if accelerator.is_main_process:
         logger.info(report.summary())
@@ -255,9 +296,20 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     global_batch = tc.batch_size * accelerator.num_processes
     if len(records) < global_batch:
         raise TrainingError(f"{cfg.data.source}: {len(records)} usable pairs, fewer than one global batch ({global_batch})")
+    cache_meta = check_meta(cfg.data.cache, cfg, resolve_family(cfg.model, cache_dir)[1], records) if cfg.data.cache else None
+    if cache_meta is not None:
+        dataset, collate = CachedPairDataset(cfg.data.cache, cache_meta, random_flip=cfg.data.random_flip, seed=cfg.seed), collate_cached
+    else:
+        dataset, collate = PairDataset(records, cfg.data.resolution, center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip, seed=cfg.seed), collate_pairs
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    dataloader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=True)
+    return Data(records, dataset, sampler, dataloader, cache_meta, global_batch)
 
-    # Which checkpoint continues, whether it is this run (its identity), and whether the output
-    # folder is ours and writable: all settled before any model loads (diffpo.runs).
+
+def setup_run(cfg: Config, accelerator, records: list) -> Run:
+    """Which checkpoint continues, whether it is this run (its identity), and whether the output
+    folder is ours and writable: all settled before any model loads (diffpo.runs)."""
+    tc, output_dir = cfg.train, Path(cfg.output_dir)
     identity = run_identity(cfg, accelerator.num_processes, data_fingerprint(records))
     resume_from = resolve_resume(tc.resume, output_dir)
     if resume_from is not None:
@@ -272,15 +324,26 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
             logger.warning("overwrite_output_dir: moved the run that was in %s to %s", output_dir, moved)
         probe_writable(output_dir)
     accelerator.wait_for_everyone()
+    return Run(identity, resume_from)
 
-    # With a latent cache the VAE and text encoders are not loaded (validation sampling needs them).
-    cache_meta = None
-    if cfg.data.cache:
-        cache_meta = check_meta(cfg.data.cache, cfg, resolve_family(cfg.model, cache_dir)[1], records)
+
+def setup_model(cfg: Config, accelerator, spec: LossSpec, cache_meta: dict | None, cache_dir: Path | None = None) -> Model:
+    """Load the model, make it trainable, compile it. With a latent cache the VAE and text
+    encoders are not loaded (validation sampling needs them)."""
+    from accelerate.utils import set_seed
+
     components = load_components(cfg.model, cache_dir=cache_dir, with_encoders=cache_meta is None or cfg.logging.validation_every > 0)
-    network = components.network
-    use_lora = cfg.model.lora.enabled
     set_seed(cfg.seed)  # adapter init must not depend on what loading consumed from the RNG
+    model = make_trainable(components, cfg, spec, accelerator.device)
+    compile_model(model, cfg.train.compile)
+    return model
+
+
+def make_trainable(components: Components, cfg: Config, spec: LossSpec, device: torch.device | str) -> Model:
+    """LoRA adapters or every weight trained, the reference when the loss needs one, and the
+    dtypes: frozen parts in the compute dtype, trained weights float32 (or bf16 with float32
+    masters in the optimizer, ``train.weight_dtype=bf16``)."""
+    tc, network, use_lora = cfg.train, components.network, cfg.model.lora.enabled
     if use_lora:
         add_lora(network, cfg.model.lora)
     else:
@@ -289,60 +352,64 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         network.enable_gradient_checkpointing()
     network.train()
     reference = Reference(network, use_lora) if spec.needs_reference else None
-
-    # Frozen parts run in the compute dtype; trained weights stay float32 (master weights).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
     for module in components.frozen_modules():
-        module.to(accelerator.device, dtype=weight_dtype)
+        module.to(device, dtype=weight_dtype)
     if reference is not None and reference.frozen is not None:
-        reference.frozen.to(accelerator.device, dtype=weight_dtype)
-
+        reference.frozen.to(device, dtype=weight_dtype)
     if tc.weight_dtype == "bf16":
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise TrainingError(
-                "train.weight_dtype=bf16 is for single-GPU and DDP runs: FSDP and DeepSpeed keep their own float32 "
-                "master shards; use mixed_precision bf16 in their accelerate config instead"
-            )
         # The float32 masters are made from the weights where they will live (the device).
-        network.to(accelerator.device, dtype=torch.bfloat16)
+        network.to(device, dtype=torch.bfloat16)
     if tc.channels_last:
         network.to(memory_format=torch.channels_last)
-    compile_network(network, tc.compile)
-    if reference is not None and reference.frozen is not None:
-        compile_network(reference.frozen, tc.compile)
+    return Model(components, network, reference, use_lora)
 
+
+def compile_model(model: Model, mode: str) -> None:
+    """Regional torch.compile (``train.compile``) of the trained network and a frozen reference copy."""
+    compile_network(_unwrap(model.network), mode)
+    if model.reference is not None and model.reference.frozen is not None:
+        compile_network(model.reference.frozen, mode)
+
+
+def setup_optimizer(cfg: Config, network: torch.nn.Module, device: torch.device | str, num_processes: int = 1) -> Optim:
+    """The optimizer over the trained parameters and its learning-rate schedule (stepped once per
+    process and optimizer step by accelerate, hence the factor)."""
+    from diffusers.optimization import get_scheduler
+
+    tc = cfg.train
     params = trainable_parameters(network)
-    optimizer = build_optimizer(params, cfg, accelerator.device)
-    lr_scheduler = get_scheduler(
-        tc.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=tc.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=tc.max_steps * accelerator.num_processes,
-    )
-    if cache_meta is not None:
-        dataset, collate = CachedPairDataset(cfg.data.cache, cache_meta, random_flip=cfg.data.random_flip, seed=cfg.seed), collate_cached
-    else:
-        dataset, collate = PairDataset(records, cfg.data.resolution, center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip, seed=cfg.seed), collate_pairs
-    sampler = EpochSampler(len(dataset), cfg.seed)
-    dataloader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=True)
-    network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+    optimizer = build_optimizer(params, cfg, device)
+    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer=optimizer, num_warmup_steps=tc.lr_warmup_steps * num_processes, num_training_steps=tc.max_steps * num_processes)
+    return Optim(params, optimizer, lr_scheduler)
+
+
+def prepare(accelerator, model: Model, optim: Optim, data: Data) -> None:
+    """Wrap network, optimizer, loader and schedule for the distributed setup (in place)."""
+    model.network, optim.optimizer, data.dataloader, optim.lr_scheduler = accelerator.prepare(model.network, optim.optimizer, data.dataloader, optim.lr_scheduler)
     # FSDP2 replaces the parameters by sharded DTensors: clip (and count) the prepared ones
-    params = trainable_parameters(network)
+    optim.params = trainable_parameters(model.network)
 
-    # Resume: restore model/optimizer/scheduler/RNG, then skip the micro-batches already seen.
-    step, skipped_total = 0, 0
-    if resume_from is not None:
-        state = read_state(resume_from)
-        try:
-            accelerator.load_state(str(resume_from))
-        except (RuntimeError, KeyError, ValueError) as err:  # another LoRA rank, LoRA vs full, another model
-            raise TrainingError(f"cannot resume {resume_from}: its saved state does not fit this run's model or optimizer ({_first_line(err)})") from None
-        _apply_optimizer_config(optimizer, lr_scheduler, tc)
-        if not _all_processes(accelerator, _weights_finite(params)):
-            raise TrainingError(f"cannot resume {resume_from}: it holds non-finite weights; resume an earlier checkpoint")
-        step, skipped_total = state["step"], state["skipped_steps"]
-        logger.info("resumed from %s at step %d", resume_from, step)
 
+def restore(cfg: Config, accelerator, resume_from: Path | None, optim: Optim) -> tuple[int, int]:
+    """Resume: model/optimizer/scheduler/RNG state from the checkpoint; returns (step, skipped steps)."""
+    if resume_from is None:
+        return 0, 0
+    state = read_state(resume_from)
+    try:
+        accelerator.load_state(str(resume_from))
+    except (RuntimeError, KeyError, ValueError) as err:  # another LoRA rank, LoRA vs full, another model
+        raise TrainingError(f"cannot resume {resume_from}: its saved state does not fit this run's model or optimizer ({_first_line(err)})") from None
+    _apply_optimizer_config(optim.optimizer, optim.lr_scheduler, cfg.train)
+    if not _all_processes(accelerator, _weights_finite(optim.params)):
+        raise TrainingError(f"cannot resume {resume_from}: it holds non-finite weights; resume an earlier checkpoint")
+    logger.info("resumed from %s at step %d", resume_from, state["step"])
+    return state["step"], state["skipped_steps"]
+
+
+def start_logging(cfg: Config, accelerator, resume_from: Path | None, step: int) -> Path:
+    """config.yaml, metrics.jsonl (cut back to the checkpoint's step on resume) and the trackers."""
+    output_dir = Path(cfg.output_dir)
     metrics_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
@@ -351,129 +418,189 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         else:
             _truncate_metrics(metrics_path, step)
         accelerator.init_trackers("diffpo", config=_flat_config(cfg)) if cfg.logging.report_to != "none" else None
+    return metrics_path
 
-    micro_per_epoch = len(dataloader)
-    micro_step = step * tc.gradient_accumulation_steps
-    epoch, skip = divmod(micro_step, micro_per_epoch)
-    progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.loss.name}", disable=not (cfg.logging.progress and accelerator.is_local_main_process))
-    nonfinite_in_row, window_ok, window = 0, True, []
-    scaler = accelerator.scaler  # fp16 only
-    sample_vae = cfg.model.latent_sampling == "sample"
 
-    step_started = time.perf_counter()
-    while step < tc.max_steps:
-        sampler.begin_epoch(epoch)  # not set_epoch: accelerate would reset it to its own counter on resume
-        dataset.begin_epoch(epoch)
-        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        for batch in batches:
-            # A pair's draws are keyed by (optimizer step, its place among all pairs of the step), so
-            # processes x batch x accumulation can be traded against each other at equal results.
-            opt_step, window_index = divmod(micro_step, tc.gradient_accumulation_steps)
-            first_pair = window_index * global_batch + accelerator.process_index * tc.batch_size
-            generators = pair_generators(cfg.seed, opt_step, first_pair, tc.batch_size)
-            micro_step += 1
-            with accelerator.accumulate(network):
-                errors = pair_errors(components, network, batch, generators, reference, sample_vae, accelerator.autocast, spec.loser_prompt)
-                loss = spec(**errors, **hparams).mean()
-                # Every rank must agree on skipping, or DDP would wait forever for a backward.
-                finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
-                if finite:
-                    accelerator.backward(loss)
-                    window.append(_mean_over_processes(accelerator, {"loss": loss.item(), **spec.metrics(**errors, **hparams)}))
-                window_ok &= finite
-                grad_norm, skip_reason = None, None if window_ok else "loss"
-                if accelerator.sync_gradients and window_ok:
-                    # A finite loss can still have non-finite gradients (an overflow in the backward
-                    # pass): check the accumulated, all-reduced gradients after unscaling and before
-                    # the step. clip_grad_norm_ unscales fp16 gradients and returns their total norm
-                    # (max_norm=inf: measured, not clipped); DeepSpeed clips inside and gives None.
-                    grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf)
-                    grads_finite = grad_norm is None or _all_processes(accelerator, bool(torch.isfinite(grad_norm)))
-                    if grads_finite or scaler is not None:
-                        # An fp16 GradScaler must see the overflow itself: it skips the step and lowers its scale.
-                        optimizer.step()
-                        lr_scheduler.step()
-                    if not grads_finite or optimizer.step_was_skipped:
-                        skip_reason = "gradients" if scaler is None or scaler.get_scale() < 1.0 else "fp16 overflow"
-                    elif not _all_processes(accelerator, _weights_finite(params)):
-                        # Cheap backstop (one fused norm per tensor): finite gradients, yet an update
-                        # made a weight non-finite. The optimizer state is spent: stop before any save.
-                        raise TrainingError(
-                            f"step {step + 1}: the updated weights are not finite (the gradients were); stopped before saving them. "
-                            f"Lower train.learning_rate; {last_checkpoint_note(output_dir)}"
-                        )
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ----------------------------------------------------------------------------------------------
 
-            # One optimizer step is done (or skipped: nothing applied, nothing saved at this step).
-            step += 1
-            if skip_reason is None:
-                nonfinite_in_row = 0
-            else:
-                skipped_total += 1
-                # fp16 overflows while the loss scale is >= 1 are the scaler's normal search for a scale.
-                nonfinite_in_row += skip_reason != "fp16 overflow"
-                logger.warning("step %d: non-finite %s, step skipped (%d in a row)", step, skip_reason, nonfinite_in_row)
-            record = {"step": step, "lr": lr_scheduler.get_last_lr()[0], "skipped": skip_reason is not None, "skipped_total": skipped_total, "step_seconds": time.perf_counter() - step_started}
-            if skip_reason is not None:
-                record["skip_reason"] = skip_reason
-            if window:
-                record.update({key: float(np.mean([m[key] for m in window])) for key in window[0]})
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
-            window, window_ok = [], True
-            if accelerator.is_main_process and step % cfg.logging.log_every == 0:
-                _append_metrics(metrics_path, record, output_dir)
-                if cfg.logging.report_to != "none":
-                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
-            if nonfinite_in_row >= tc.max_nonfinite_in_row:  # after logging: metrics.jsonl shows every skipped step
-                raise TrainingError(
-                    f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradients (train.max_nonfinite_in_row); "
-                    f"stopped at step {step}, nothing of them applied. Lower train.learning_rate, or check the data; {last_checkpoint_note(output_dir)}"
-                )
-            progress.update(1)
-            progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
-            lc = cfg.logging
-            if lc.validation_every and accelerator.is_main_process and (step % lc.validation_every == 0 or step == tc.max_steps):
-                run_validation(accelerator, components, accelerator.unwrap_model(network), lc, output_dir, step)
-            # A skipped step writes no checkpoint: pruning must never trade good ones for it.
-            if skip_reason is None and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
-                state = {"step": step, "skipped_steps": skipped_total, "num_processes": accelerator.num_processes, "batch_size": tc.batch_size, "loss": cfg.loss.name, "identity": identity}
-                save_checkpoint(accelerator, output_dir, step, state, tc.checkpoints_total_limit)
-            if step >= tc.max_steps:
-                break
-            step_started = time.perf_counter()
+
+def micro_batches(accelerator, data: Data, micro_step: int) -> Iterator[dict]:
+    """The micro-batches from ``micro_step`` on, epoch after epoch, without end (the loop stops
+    at max_steps). On resume the batches already seen in the epoch are skipped."""
+    epoch, skip = divmod(micro_step, len(data.dataloader))
+    while True:
+        data.sampler.begin_epoch(epoch)  # not set_epoch: accelerate would reset it to its own counter on resume
+        data.dataset.begin_epoch(epoch)
+        yield from accelerator.skip_first_batches(data.dataloader, skip) if skip else data.dataloader
         epoch, skip = epoch + 1, 0
+
+
+def guarded_step(accelerator, optim: Optim, tc, step: int, output_dir: Path) -> tuple[torch.Tensor | None, str | None]:
+    """The optimizer step at the end of a window whose losses were finite, unless the gradients are
+    not: returns (gradient norm, why the step was skipped or None).
+
+    A finite loss can still have non-finite gradients (an overflow in the backward pass): check the
+    accumulated, all-reduced gradients after unscaling and before the step. clip_grad_norm_
+    unscales fp16 gradients and returns their total norm (max_norm=inf: measured, not clipped);
+    DeepSpeed clips inside and gives None.
+    """
+    scaler = accelerator.scaler  # fp16 only
+    grad_norm = accelerator.clip_grad_norm_(optim.params, tc.max_grad_norm or math.inf)
+    grads_finite = grad_norm is None or _all_processes(accelerator, bool(torch.isfinite(grad_norm)))
+    if grads_finite or scaler is not None:
+        # An fp16 GradScaler must see the overflow itself: it skips the step and lowers its scale.
+        optim.optimizer.step()
+        optim.lr_scheduler.step()
+    if not grads_finite or optim.optimizer.step_was_skipped:
+        return grad_norm, "gradients" if scaler is None or scaler.get_scale() < 1.0 else "fp16 overflow"
+    if not _all_processes(accelerator, _weights_finite(optim.params)):
+        # Cheap backstop (one fused norm per tensor): finite gradients, yet an update made a
+        # weight non-finite. The optimizer state is spent: stop before any save.
+        raise TrainingError(
+            f"step {step + 1}: the updated weights are not finite (the gradients were); stopped before saving them. "
+            f"Lower train.learning_rate; {last_checkpoint_note(output_dir)}"
+        )
+    return grad_norm, None
+
+
+def step_record(step: int, optim: Optim, window: list[dict], grad_norm, skip_reason: str | None, skipped_total: int, seconds: float) -> dict:
+    """One line of metrics.jsonl: the window's mean metrics, the step's lr and grad norm; a
+    non-finite value is written as null (JSON has no nan)."""
+    record = {"step": step, "lr": optim.lr_scheduler.get_last_lr()[0], "skipped": skip_reason is not None, "skipped_total": skipped_total, "step_seconds": seconds}
+    if skip_reason is not None:
+        record["skip_reason"] = skip_reason
+    if window:
+        record.update({key: float(np.mean([m[key] for m in window])) for key in window[0]})
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+
+
+def log_record(accelerator, cfg: Config, metrics_path: Path, record: dict) -> None:
+    _append_metrics(metrics_path, record, Path(cfg.output_dir))
+    if cfg.logging.report_to != "none":
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=record["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# train(): the setup steps, then one loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
+    """Fine-tune as ``cfg`` says: the setup steps in order, one loop, then the final weights."""
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    tc, lc, output_dir = cfg.train, cfg.logging, Path(cfg.output_dir)
+    accelerator = setup_accelerator(cfg)
+    spec = get_loss(cfg.loss.name)  # what the loss needs (reference, loser prompt) is in its spec
+    hparams = spec.resolve_hparams(cfg.loss.hparams)
+    data = setup_data(cfg, accelerator, spec, cache_dir)
+    run = setup_run(cfg, accelerator, data.records)
+    model = setup_model(cfg, accelerator, spec, data.cache_meta, cache_dir)
+    optim = setup_optimizer(cfg, model.network, accelerator.device, accelerator.num_processes)
+    prepare(accelerator, model, optim, data)
+    step, skipped_total = restore(cfg, accelerator, run.resume_from, optim)
+    metrics_path = start_logging(cfg, accelerator, run.resume_from, step)
+
+    sample_vae = cfg.model.latent_sampling == "sample"  # VAE posterior sample, or its mode
+    micro_step = step * tc.gradient_accumulation_steps
+    nonfinite_in_row, window_ok, window = 0, True, []  # window: the metrics of this step's micro-batches
+    progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.loss.name}", disable=not (lc.progress and accelerator.is_local_main_process))
+    step_started = time.perf_counter()
+    for batch in micro_batches(accelerator, data, micro_step) if step < tc.max_steps else ():
+        # A pair's draws are keyed by (optimizer step, its place among all pairs of the step), so
+        # processes x batch x accumulation can be traded against each other at equal results.
+        opt_step, window_index = divmod(micro_step, tc.gradient_accumulation_steps)
+        first_pair = window_index * data.global_batch + accelerator.process_index * tc.batch_size
+        generators = pair_generators(cfg.seed, opt_step, first_pair, tc.batch_size)
+        micro_step += 1
+        with accelerator.accumulate(model.network):
+            errors = pair_errors(model.components, model.network, batch, generators, model.reference, sample_vae, accelerator.autocast, spec.loser_prompt)
+            loss = spec(**errors, **hparams).mean()
+            # Every rank must agree on skipping, or DDP would wait forever for a backward.
+            finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+            if finite:
+                accelerator.backward(loss)
+                window.append(_mean_over_processes(accelerator, {"loss": loss.item(), **spec.metrics(**errors, **hparams)}))
+            window_ok &= finite  # one non-finite micro-batch spoils the whole window
+            grad_norm, skip_reason = None, None if window_ok else "loss"
+            if accelerator.sync_gradients and window_ok:
+                grad_norm, skip_reason = guarded_step(accelerator, optim, tc, step, output_dir)
+            optim.optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue  # mid-window: gradients accumulate
+
+        # One optimizer step is done (or skipped: nothing applied, nothing saved at this step).
+        step += 1
+        if skip_reason is None:
+            nonfinite_in_row = 0
+        else:
+            skipped_total += 1
+            # fp16 overflows while the loss scale is >= 1 are the scaler's normal search for a scale.
+            nonfinite_in_row += skip_reason != "fp16 overflow"
+            logger.warning("step %d: non-finite %s, step skipped (%d in a row)", step, skip_reason, nonfinite_in_row)
+        record = step_record(step, optim, window, grad_norm, skip_reason, skipped_total, time.perf_counter() - step_started)
+        window, window_ok = [], True
+        if accelerator.is_main_process and step % lc.log_every == 0:
+            log_record(accelerator, cfg, metrics_path, record)
+        if nonfinite_in_row >= tc.max_nonfinite_in_row:  # after logging: metrics.jsonl shows every skipped step
+            raise TrainingError(
+                f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradients (train.max_nonfinite_in_row); "
+                f"stopped at step {step}, nothing of them applied. Lower train.learning_rate, or check the data; {last_checkpoint_note(output_dir)}"
+            )
+        progress.update(1)
+        progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
+        if lc.validation_every and accelerator.is_main_process and (step % lc.validation_every == 0 or step == tc.max_steps):
+            run_validation(accelerator, model.components, accelerator.unwrap_model(model.network), lc, output_dir, step)
+        # A skipped step writes no checkpoint: pruning must never trade good ones for it.
+        if skip_reason is None and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+            state = {"step": step, "skipped_steps": skipped_total, "num_processes": accelerator.num_processes, "batch_size": tc.batch_size, "loss": cfg.loss.name, "identity": run.identity}
+            save_checkpoint(accelerator, output_dir, step, state, tc.checkpoints_total_limit)
+        if step >= tc.max_steps:
+            break
+        step_started = time.perf_counter()
     progress.close()
 
-    final_dir = output_dir / "final"
-    accelerator.wait_for_everyone()
-    sharded = _gather_sharded(accelerator, network)  # a collective: every rank takes part
-    if accelerator.is_main_process:
-        tmp = output_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = sharded if sharded is not None else accelerator.unwrap_model(network)
-        master = find_master_optimizer(optimizer)
-        if master is not None:  # save the float32 masters, not their bf16 rounding
-            unwrapped.to(torch.float32)
-            master.write_masters_into(unwrapped)
-        if not _weights_finite([p for p in unwrapped.parameters() if p.requires_grad]):  # never ship non-finite weights
-            raise TrainingError(f"the trained weights are not finite: final/ not written; {last_checkpoint_note(output_dir)}")
-        try:
-            if use_lora:
-                components.family.save_lora(unwrapped, tmp)
-            else:
-                if not components.text_encoders:  # trained from a cache: the saved pipeline needs them
-                    components = load_components(cfg.model, cache_dir=cache_dir)
-                components.family.save_full(components, unwrapped.to(torch.float32), tmp)
-            publish_dir(tmp, final_dir)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(f"could not write {final_dir}: {err.strerror or err}; {last_checkpoint_note(output_dir)}") from None
+    final_dir = save_final(cfg, accelerator, model, optim, cache_dir)
     accelerator.end_training()
     return TrainResult(output_dir, final_dir, step, skipped_total, time.perf_counter() - started)
+
+
+def save_final(cfg: Config, accelerator, model: Model, optim: Optim, cache_dir: Path | None = None) -> Path:
+    """The trained weights in diffusers' layout under output_dir/final (LoRA, or the whole
+    pipeline), written to a temporary folder and renamed; never non-finite weights."""
+    output_dir = Path(cfg.output_dir)
+    final_dir = output_dir / "final"
+    accelerator.wait_for_everyone()
+    sharded = _gather_sharded(accelerator, model.network)  # a collective: every rank takes part
+    if not accelerator.is_main_process:
+        return final_dir
+    tmp = output_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrapped = sharded if sharded is not None else accelerator.unwrap_model(model.network)
+    master = find_master_optimizer(optim.optimizer)
+    if master is not None:  # save the float32 masters, not their bf16 rounding
+        unwrapped.to(torch.float32)
+        master.write_masters_into(unwrapped)
+    if not _weights_finite([p for p in unwrapped.parameters() if p.requires_grad]):  # never ship non-finite weights
+        raise TrainingError(f"the trained weights are not finite: final/ not written; {last_checkpoint_note(output_dir)}")
+    components = model.components
+    try:
+        if model.use_lora:
+            components.family.save_lora(unwrapped, tmp)
+        else:
+            if not components.text_encoders:  # trained from a cache: the saved pipeline needs them
+                components = load_components(cfg.model, cache_dir=cache_dir)
+            components.family.save_full(components, unwrapped.to(torch.float32), tmp)
+        publish_dir(tmp, final_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"could not write {final_dir}: {err.strerror or err}; {last_checkpoint_note(output_dir)}") from None
+    return final_dir
 
 
 def _gather_sharded(accelerator, network) -> torch.nn.Module | None:
@@ -493,4 +620,8 @@ def _gather_sharded(accelerator, network) -> torch.nn.Module | None:
     return whole
 
 
-__all__ = ["train", "TrainResult", "TrainingError", "pair_errors", "list_checkpoints"]
+__all__ = [
+    "train", "TrainResult", "TrainingError", "pair_errors", "list_checkpoints",
+    "setup_accelerator", "setup_data", "setup_run", "setup_model", "make_trainable", "compile_model", "setup_optimizer",
+    "prepare", "restore", "start_logging", "save_final",
+]
