@@ -99,9 +99,13 @@ class Family:
         return hook.schedulers if hook is not None else self.schedulers
 
     def pixel_sampler(self, components: Components) -> "PixelSampler | None":
-        """The sampler registered for this family's models without a VAE (``register_pixel_sampler``);
-        None for latent models, which sample through the family's pipeline."""
-        return pixel_sampler(self.name) if components.vae is None else None
+        """The sampler registered for this family's models without a VAE (``register_pixel_sampler``),
+        or for the nearest base family that has one (a subclass of ``sd`` samples as ``sd``); None
+        for latent models, which sample through the family's pipeline."""
+        if components.vae is not None:
+            return None
+        names = [cls.__dict__["name"] for cls in type(self).__mro__ if "name" in cls.__dict__]
+        return next((hook for hook in map(pixel_sampler, names) if hook is not None), None)
 
     def default_resolution(self, components: Components) -> int:
         """Image side the pipeline would pick: the network's sample size times the VAE factor."""

@@ -18,7 +18,7 @@ import copy
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn

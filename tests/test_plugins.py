@@ -164,3 +164,14 @@ def test_pixel_models_sample_with_the_plugin_settings(registries) -> None:
     assert StableDiffusionFamily().sampling_schedulers(pixel_model) == ("ddim",)
     latent_model = Components(StableDiffusionFamily(), nn.Identity(), None, [], [], vae=nn.Identity())
     assert StableDiffusionFamily().sampling_defaults(latent_model)["num_inference_steps"] == 30
+
+
+def test_a_subclass_of_the_sd_family_samples_pixel_models_as_sd(registries) -> None:
+    """The hook is found by family name along the class hierarchy, as the method it replaced was
+    inherited."""
+
+    class Variant(StableDiffusionFamily):
+        name = "sd-variant"
+
+    pixel_model = Components(Variant(), nn.Identity(), None, [], [], vae=None)
+    assert Variant().sampling_defaults(pixel_model)["num_inference_steps"] == 25
