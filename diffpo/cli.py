@@ -1,5 +1,7 @@
-"""Command line: ``diffpo train | losses | demo | toy ...``.
+"""Command line: ``diffpo train | losses | eval | pairs | cache | label | view ...``.
 
+Plugins add their own subcommands (the shapes world: ``diffpo demo``, ``diffpo toy ...``) with
+``register_command``; ``main`` loads them (``diffpo.plugins``) before it builds the parser.
 Each subcommand is a small function; configuration lives in typed dataclasses (``diffpo.config``),
 filled from YAML and ``key.sub=value`` overrides. Errors we can explain (bad config, bad data, a
 model that will not load) print one clear line and exit 2, never a deep stack trace.
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (shortcut for accelerate launch)")
     p.set_defaults(func=cmd_train, validate=validate_train)
 
-    for register in _EXTRA_COMMANDS:
+    for register in list(_EXTRA_COMMANDS):
         register(sub)
     _add_common_flags(sub)
     return parser
@@ -122,22 +124,33 @@ def _add_common_flags(sub: argparse._SubParsersAction) -> None:
             )
 
 
-# Other modules add subcommands here (demo, toy, eval, ...), keeping this file small.
+# Other modules add subcommands here (eval, pairs, ..., and plugins' commands), keeping this file small.
 _EXTRA_COMMANDS: list = []
+_CORE_COMMAND_MODULES = ("diffpo.evaluate.cli", "diffpo.data.cli", "diffpo.cache", "diffpo.web.cli")
+
+
+def register_command(register_cli) -> None:
+    """Add subcommands: ``register_cli(sub)`` gets the ``argparse`` sub-parsers and adds its own
+    (with ``set_defaults(func=...)``; ``validate=...`` for ``--dry-run``)."""
+    if register_cli not in _EXTRA_COMMANDS:
+        _EXTRA_COMMANDS.append(register_cli)
 
 
 def _load_extra_commands() -> None:
     import importlib
 
-    for module in ("diffpo.toy.cli", "diffpo.evaluate.cli", "diffpo.data.cli", "diffpo.cache", "diffpo.web.cli"):
+    from diffpo.plugins import load_plugins
+
+    for module in _CORE_COMMAND_MODULES:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
             if err.name != module:
                 raise
             continue
-        if hasattr(mod, "register_cli") and mod.register_cli not in _EXTRA_COMMANDS:
-            _EXTRA_COMMANDS.append(mod.register_cli)
+        if hasattr(mod, "register_cli"):
+            register_command(mod.register_cli)
+    load_plugins()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,9 +70,10 @@ class LoraConfig:
 class ModelConfig:
     pretrained: str = "tiny:sd"
     """A hub id, a local diffusers folder, or ``tiny:<family>`` for a tiny random model built
-    in-process (saved to a local folder and then loaded through the same path as a real id)."""
+    in-process (saved to a local folder and then loaded through the same path as a real id);
+    plugins add other ``prefix:name`` ids (the shapes world: ``toy:base``)."""
     family: str = "auto"
-    """Model family adapter: auto (read model_index.json), sd, sdxl, sd3, flux, or toy."""
+    """Model family adapter: auto (read model_index.json), sd, sdxl, sd3 or flux."""
     revision: str | None = None
     variant: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)

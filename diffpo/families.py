@@ -1,12 +1,12 @@
 """Model families beyond SD 1.x/2.x: SDXL (UNet, two CLIP encoders), SD3 and Flux (flow matching).
 
-Each family follows ``StableDiffusionFamily`` in ``diffpo.models``: ``load`` reads a diffusers
-folder or hub id, ``encode_prompts`` returns batch-first conditioning tensors (the trainer
-duplicates them for ``[winners; losers]``), ``predict`` runs the denoiser and returns a
-prediction with the latents' shape (B, C, H, W), ``build_pipeline`` assembles the diffusers
-pipeline that ``save_full`` writes and that ``diffpo.sampling.generate`` samples with (the class
-attribute ``sampling_default_settings`` gives the family's steps, guidance and scheduler), and
-LoRA saves through the pipeline's ``save_lora_weights``.
+Each family follows ``StableDiffusionFamily`` in ``diffpo.models`` (base class: ``diffpo.family``):
+``load`` reads a diffusers folder or hub id, ``encode_prompts`` returns batch-first conditioning
+tensors (the trainer duplicates them for ``[winners; losers]``), ``predict`` runs the denoiser and
+returns a prediction with the latents' shape (B, C, H, W), ``build_pipeline`` assembles the
+diffusers pipeline that ``save_full`` writes and that ``diffpo.sampling.generate`` samples with
+(the class attribute ``sampling_default_settings`` gives the family's steps, guidance and
+scheduler), and LoRA saves through the pipeline's ``save_lora_weights``.
 
 SD 2.x v-prediction needs no family: the ``sd`` family with a scheduler whose
 ``prediction_type`` is ``v_prediction`` trains against the velocity (``diffpo.objectives``).
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from diffpo.config import ModelConfig
-from diffpo.models import Components, Family, _has_component, register_family
+from diffpo.family import Components, Family, _has_component, register_family
 
 Tensor = torch.Tensor
 

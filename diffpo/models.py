@@ -1,10 +1,11 @@
 """Loading diffusers models, LoRA through peft, the reference model, and saving results.
 
-A *family* adapter hides what differs between model families (text encoders, extra
-conditioning, latent scaling, which pipeline class loads the result); the trainer only sees
-``Components`` and the four family methods ``encode_prompts``, ``encode_image_moments``, ``predict`` and
-``save``. This file holds the Stable Diffusion 1.x/2.x family, which also covers pixel-space
-models (no VAE: the shapes world). Other families register themselves in ``FAMILIES``.
+The family protocol (``Components``, ``Family``, ``FAMILIES``) lives in ``diffpo.family`` and is
+re-exported here. This file holds the Stable Diffusion 1.x/2.x family, which also loads
+pixel-space models (no VAE; a plugin registers how to sample them, ``diffpo.family.PixelSampler``),
+and resolves model ids: ``prefix:name`` ids go to the resolver registered for the prefix
+(``tiny:`` here, ``toy:`` by the shapes-world plugin), anything else is a hub id or a folder.
+Other families register themselves in ``FAMILIES`` (``diffpo.families``).
 
 Reference model (LOSSES.md): with LoRA it is the same network with adapters disabled; with full
 fine-tuning it is a frozen copy. Reference-free objectives never build or run it.
@@ -14,136 +15,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from diffpo.config import LoraConfig, ModelConfig
+from diffpo.family import (  # noqa: F401  (re-exported: the public names of the model layer)
+    FAMILIES,
+    Components,
+    Family,
+    ModelLoadError,
+    PixelSampler,
+    _has_component,
+    _read_model_index,
+    register_family,
+    register_pixel_sampler,
+)
 
 logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message names the path/id and the reason."""
-
-
-@dataclass
-class Components:
-    """Everything a family needs at training time. ``network`` is the trained denoiser."""
-
-    family: "Family"
-    network: nn.Module
-    scheduler: Any
-    text_encoders: list[nn.Module]
-    tokenizers: list[Any]
-    vae: nn.Module | None = None
-    source: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return [m for m in [self.vae, *self.text_encoders] if m is not None]
-
-
-class Family:
-    """Base adapter. Subclasses set ``name``, ``pipeline_class`` and the model-specific parts."""
-
-    name = "base"
-    pipeline_class_name = "DiffusionPipeline"
-    network_subfolder = "unet"
-    lora_prefix_argument = "unet_lora_layers"
-
-    @property
-    def pipeline_class(self):
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class_name)
-
-    # --- loading -------------------------------------------------------------------------------
-    def load(self, path: str, cfg: ModelConfig, encoders: bool = True) -> Components:  # pragma: no cover - abstract
-        """``encoders=False``: only the network and scheduler (training from a latent cache)."""
-        raise NotImplementedError
-
-    # --- training-time computation ---------------------------------------------------------------
-    def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:
-        raise NotImplementedError  # pragma: no cover
-
-    def encode_image_moments(self, components: Components, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Pixels in [-1, 1] -> the scaled latent mode and standard deviation (pixels and None
-        without a VAE). Training draws ``mode + std * randn`` per pair (``objectives.sample_latents``),
-        the latent cache stores both."""
-        vae = components.vae
-        if vae is None:
-            return pixels, None
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (dist.mode() - shift) * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
-
-    def predict(self, components: Components, network: nn.Module, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        raise NotImplementedError  # pragma: no cover
-
-    # --- sampling (diffpo.sampling.generate) ----------------------------------------------------
-    sampling_default_settings: dict[str, Any] = {"num_inference_steps": 30, "guidance_scale": 7.5, "scheduler": "ddim"}
-    """``SamplerSettings`` a family samples with unless told otherwise."""
-    schedulers: tuple[str, ...] = ("ddim", "euler", "dpm++")
-    """Names in ``diffpo.sampling.SCHEDULERS`` that fit the family's training objective."""
-    default_sample_size: int | None = None
-    """Latent side used when the network's config has no ``sample_size`` (Flux)."""
-
-    def sampling_defaults(self, components: Components) -> dict[str, Any]:
-        return dict(self.sampling_default_settings)
-
-    def sampling_schedulers(self, components: Components) -> tuple[str, ...]:
-        return self.schedulers
-
-    def default_resolution(self, components: Components) -> int:
-        """Image side the pipeline would pick: the network's sample size times the VAE factor."""
-        size = getattr(components.network.config, "sample_size", None) or self.default_sample_size
-        vae = components.vae
-        return size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
-
-    def sampler(self, components: Components, network: nn.Module, settings, device) -> Callable[[list[str], list[int]], list]:
-        """A callable (prompts, seeds) -> PIL images for ``diffpo.sampling.generate``: the family's
-        diffusers pipeline around ``network``, built once per ``generate`` call."""
-        from diffpo.sampling import PipelineSampler, SamplingError
-
-        if components.vae is None:
-            raise SamplingError(f"family '{self.name}' samples latent models only, and '{components.source}' has no VAE")
-        return PipelineSampler(self.build_pipeline(components, network), settings, device)
-
-    # --- saving --------------------------------------------------------------------------------
-    def build_pipeline(self, components: Components, network: nn.Module | None = None):
-        raise NotImplementedError  # pragma: no cover
-
-    def save_full(self, components: Components, network: nn.Module, out_dir: Path) -> None:
-        """Save a complete diffusers pipeline folder that ``from_pretrained`` loads."""
-        self.build_pipeline(components, network).save_pretrained(out_dir)
-
-    def save_lora(self, network: nn.Module, out_dir: Path) -> None:
-        """Save adapters in the diffusers LoRA format (``pipeline.load_lora_weights(out_dir)``)."""
-        from peft.utils import get_peft_model_state_dict
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
-        # The adapter config (rank, alpha, targets) travels as metadata: without it diffusers loads
-        # with alpha = rank, which silently rescales any LoRA trained with alpha != rank.
-        metadata = network.peft_config["default"].to_dict()
-        metadata_argument = self.lora_prefix_argument.replace("_lora_layers", "_lora_adapter_metadata")
-        self.pipeline_class.save_lora_weights(out_dir, **{self.lora_prefix_argument: state, metadata_argument: metadata})
-
-
-FAMILIES: dict[str, Callable[[], Family]] = {}
-
-
-def register_family(cls: type[Family]) -> type[Family]:
-    FAMILIES[cls.name] = cls
-    return cls
 
 
 @register_family
@@ -178,28 +73,6 @@ class StableDiffusionFamily(Family):
     def predict(self, components, network, noisy, timesteps, cond):
         return network(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype)).sample
 
-    PIXEL_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 3.0, "scheduler": "ddim", "clip_sample": True}
-    """Pixel-space models (no VAE): the shapes world's calibrated settings and its own DDIM loop."""
-
-    def sampling_defaults(self, components: Components) -> dict[str, Any]:
-        return dict(self.PIXEL_SAMPLING) if components.vae is None else super().sampling_defaults(components)
-
-    def sampling_schedulers(self, components: Components) -> tuple[str, ...]:
-        return ("ddim",) if components.vae is None else super().sampling_schedulers(components)
-
-    def sampler(self, components: Components, network: nn.Module, settings, device):
-        if components.vae is not None:
-            return super().sampler(components, network, settings, device)
-        from diffpo.toy.sampling import sample_pixels  # no pipeline runs pixel-space UNets
-
-        def sample(prompts: list[str], seeds: list[int]) -> list:
-            return sample_pixels(
-                components, network, prompts, seeds, num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale, resolution=settings.resolution, device=device, clip_sample=settings.clip_sample,
-            )
-
-        return sample
-
     def build_pipeline(self, components: Components, network: nn.Module | None = None):
         from diffusers import DDIMScheduler
 
@@ -220,31 +93,6 @@ class StableDiffusionFamily(Family):
 # ----------------------------------------------------------------------------------------------
 
 
-def _has_component(path: str, name: str) -> bool:
-    """Whether a local folder or hub repo holds the sub-model ``name`` (a null entry = absent)."""
-    index = _read_model_index(path)
-    if index is not None:
-        entry = index.get(name)
-        return bool(entry) and entry[0] is not None
-    return Path(path, name).is_dir()
-
-
-def _read_model_index(path: str) -> dict | None:
-    local = Path(path, "model_index.json")
-    if local.is_file():
-        return json.loads(local.read_text())
-    if Path(path).exists():
-        return None
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1:
-        raise ModelLoadError(f"model folder not found: {path}")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(path, "model_index.json")).read_text())
-    except Exception as err:  # network, missing repo, gated model: say which id failed and why
-        raise ModelLoadError(f"cannot read model_index.json of '{path}': {err}") from None
-
-
 _PIPELINE_TO_FAMILY = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
@@ -262,20 +110,46 @@ def detect_family(path: str) -> str:
         raise ModelLoadError(f"'{path}': cannot tell the model family from pipeline class '{pipeline}'; set model.family") from None
 
 
-def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
-    """``tiny:<name>`` -> build the tiny model once into a local folder; ``toy:base`` -> the
-    committed shapes-world base model; anything else (hub id, folder) as is."""
-    if pretrained == "toy:base":
-        from diffpo.toy.base import ASSET_DIR
+ModelResolver = Callable[[str, Path], str]
+"""``resolver(name, cache_dir) -> local folder or hub id`` for model ids ``prefix:name``."""
 
-        return str(ASSET_DIR)
-    if not pretrained.startswith("tiny:"):
-        return pretrained
+MODEL_RESOLVERS: dict[str, ModelResolver] = {}
+_PREFIXED_ID = re.compile(r"^([a-z][a-z0-9_-]*):(.*)$")  # "tiny:sd"; not "C:/..." nor a hub id
+
+
+def register_model_resolver(prefix: str, resolver: ModelResolver, *, overwrite: bool = False) -> None:
+    """Make ``model.pretrained: <prefix>:<name>`` resolve through ``resolver(name, cache_dir)``."""
+    if prefix in MODEL_RESOLVERS and not overwrite:
+        raise ValueError(f"model prefix {prefix!r} is already registered; pass overwrite=True to replace it")
+    MODEL_RESOLVERS[prefix] = resolver
+
+
+def _tiny_resolver(name: str, cache_dir: Path) -> str:
+    """``tiny:<name>``: build the tiny random model once into ``cache_dir/<name>`` (``diffpo.tiny``)."""
     from diffpo.tiny import build_tiny
 
-    name = pretrained.split(":", 1)[1]
-    cache_dir = Path(cache_dir or Path.home() / ".cache" / "diffpo" / "tiny")
     return str(build_tiny(name, cache_dir / name))
+
+
+register_model_resolver("tiny", _tiny_resolver)
+
+
+def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
+    """``prefix:name`` with a registered prefix -> that resolver's folder (plugins are loaded when
+    the prefix is unknown, e.g. ``toy:base`` -> the committed shapes-world model); anything else
+    (hub id, folder) as is."""
+    match = _PREFIXED_ID.match(pretrained)
+    if match is None:
+        return pretrained
+    prefix, name = match.groups()
+    if prefix not in MODEL_RESOLVERS:
+        from diffpo.plugins import load_plugins
+
+        load_plugins()
+    if prefix not in MODEL_RESOLVERS:
+        return pretrained
+    cache_dir = Path(cache_dir or Path.home() / ".cache" / "diffpo" / prefix)
+    return MODEL_RESOLVERS[prefix](name, cache_dir)
 
 
 def resolve_family(cfg: ModelConfig, cache_dir: Path | None = None) -> tuple[str, str]:

@@ -4,9 +4,9 @@ Evaluation (``diffpo eval``), training-time validation and ``diffpo pairs from-i
 through ``generate(components, prompts, seeds, network=..., settings=...)``. Latent models run their
 family's diffusers pipeline (``Family.build_pipeline``: StableDiffusion[XL|3]Pipeline,
 FluxPipeline) rather than a re-written loop, so SDXL's ``time_ids`` and pooled embeddings, SD3's
-and Flux's flow-matching schedulers and Flux's guidance embedding are the pipeline's own. The
-pixel-space shapes-world model, which no pipeline runs, keeps its DDIM loop beside it
-(``diffpo.toy.sampling``).
+and Flux's flow-matching schedulers and Flux's guidance embedding are the pipeline's own.
+Pixel-space models, which no pipeline runs, sample with the loop a plugin registers for their
+family (``diffpo.family.PixelSampler``; the shapes world's DDIM loop for its base model).
 
 Same noise whatever the batch size: image k is drawn from its own CPU ``torch.Generator`` seeded
 with ``seeds[k]``; pipelines accept one generator per image and draw each image's initial latents

@@ -14,6 +14,26 @@ from typing import Callable
 
 import torch
 
+TINY_WORDS: tuple[str, ...] = (
+    "a", "on", "the", "at", "in", "background",
+    "red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray",
+    "circle", "square", "triangle", "star", "small", "large",
+    "left", "right", "top", "bottom", "center", "sks", "zxq", "vlt",
+)
+"""The tiny models' vocabulary: the words of the prompts tests feed them ("a red circle on a gray
+background"), plus three rare words for DreamBooth-style identifiers. Kept word for word and in
+order as it was when these models borrowed the shapes world's tokenizer: the vocabulary size
+sets the embedding shape and so every random weight drawn after it, and the ids decide what a
+prompt encodes to, so any change here changes every tiny model."""
+
+
+def build_tokenizer():
+    """The tiny models' word-level tokenizer (``diffpo.word_tokenizer``, 16 tokens with bos/eos)."""
+    from diffpo.word_tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer(TINY_WORDS)
+
+
 TINY_BUILDERS: dict[str, Callable[[], object]] = {}
 
 
@@ -28,7 +48,7 @@ def _tiny(name: str):
 def _text_parts(hidden_size: int = 32):
     from transformers import CLIPTextModel
 
-    from diffpo.toy.tokenizer import build_tokenizer, text_encoder_config
+    from diffpo.word_tokenizer import text_encoder_config
 
     tokenizer = build_tokenizer()
     encoder = CLIPTextModel(text_encoder_config(tokenizer, hidden_size=hidden_size, layers=2, heads=2))
@@ -89,14 +109,14 @@ def _tiny_vae(latent_channels: int = 4, **kwargs):
 def _clip(tokenizer, hidden_size: int, with_projection: bool):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffpo.toy.tokenizer import text_encoder_config
+    from diffpo.word_tokenizer import text_encoder_config
 
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return cls(text_encoder_config(tokenizer, hidden_size=hidden_size, layers=2, heads=2))
 
 
 def _t5(tokenizer, d_model: int = 32):
-    """A tiny T5 encoder on the shapes-world tokenizer (relative positions: any max_length works)."""
+    """A tiny T5 encoder on the word-level tokenizer (relative positions: any max_length works)."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
@@ -124,8 +144,6 @@ def build_tiny_sdxl():
     encoders of width 32 (the second with projection), cross-attention 64 = 32 + 32, and the
     ``text_time`` added conditioning with 6 * 8 + 32 = 80 input features."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    from diffpo.toy.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
@@ -164,8 +182,6 @@ def build_tiny_sd3():
     a T5 encoder of width 32, a one-layer MMDiT with patch 2, the SD3 flow-matching scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from diffpo.toy.tokenizer import build_tokenizer
-
     torch.manual_seed(0)
     tokenizers = [build_tokenizer() for _ in range(3)]
     transformer = SD3Transformer2DModel(
@@ -189,8 +205,6 @@ def build_tiny_flux():
     vector, a T5 encoder for the tokens, one double- and one single-stream block with RoPE axes
     (4, 4, 8), guidance embedding (as FLUX.1-dev), 4 latent channels packed 2x2 -> 16 features."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    from diffpo.toy.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()

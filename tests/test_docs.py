@@ -1,6 +1,6 @@
 """Every command the docs quote runs as written, so a doc can no longer drift from the CLI.
 
-Commands are extracted from README.md, BENCHMARKS.md, benchmarks/*.md (```bash blocks and inline
+Commands are extracted from README.md, BENCHMARKS.md, CONTRIBUTING.md, benchmarks/*.md (```bash blocks and inline
 `diffpo ...` spans), the shipped configs' comments (configs/*.yaml) and module docstrings
 (diffpo/, benchmarks/), then checked by the cheapest check that still catches drift:
 
@@ -50,7 +50,7 @@ SHELL_BUILTINS = {"echo", "cd", "mkdir", "export", "cat", "ls"}
 # Commands (by their first words) that cannot be checked here, each with the reason.
 ALLOWED: dict[str, str] = {}
 
-DOC_FILES = ["README.md", "BENCHMARKS.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "benchmarks").glob("*.md"))]
+DOC_FILES = ["README.md", "BENCHMARKS.md", "CONTRIBUTING.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "benchmarks").glob("*.md"))]
 COMMAND_START = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:diffpo|accelerate launch|python3? -m|bash|hf|huggingface-cli)(?=\s|$)")
 INLINE = re.compile(r"(?<!`)``?((?:diffpo|hf|huggingface-cli) [^`]+)``?(?!`)")
 

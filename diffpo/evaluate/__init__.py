@@ -4,7 +4,7 @@ Importing this package loads no reward-model library; each scorer imports what i
 when ``load_scorer`` builds it.
 """
 
-from diffpo.evaluate.scorers import SCORERS, Scorer, load_scorer, register_scorer
+from diffpo.evaluate.scorers import SCORERS, Scorer, load_scorer, register_scorer, scorer_names
 from diffpo.evaluate.stats import bootstrap_ci, summarize, win_rate
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "bootstrap_ci",
     "load_scorer",
     "register_scorer",
+    "scorer_names",
     "summarize",
     "win_rate",
 ]

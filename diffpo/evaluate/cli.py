@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffpo.evaluate.prompts import BUILTIN_SETS, load_prompts
+from diffpo.evaluate.prompts import load_prompts, prompt_set_names
 from diffpo.evaluate.run import EvalError, evaluate_models, format_table, load_tuned, write_report
-from diffpo.evaluate.scorers import SCORERS, Scorer, load_scorer
+from diffpo.evaluate.scorers import Scorer, load_scorer, scorer_names
 from diffpo.sampling import SamplerSettings, add_sampler_arguments, sampler_options
 
 
@@ -28,11 +28,12 @@ def _positive_int(text: str) -> int:
 
 def _scorer_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
+    valid = scorer_names()
     if not names:
-        raise EvalError(f"--scorers: no scorer names in '{text}' (valid: {', '.join(sorted(SCORERS))})")
-    unknown = [name for name in names if name not in SCORERS]
+        raise EvalError(f"--scorers: no scorer names in '{text}' (valid: {', '.join(valid)})")
+    unknown = [name for name in names if name not in valid]
     if unknown:
-        raise EvalError(f"unknown scorer(s) {', '.join(unknown)}; valid: {', '.join(sorted(SCORERS))}")
+        raise EvalError(f"unknown scorer(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     return names
 
 
@@ -47,7 +48,7 @@ def _load_scorer(name: str, device: str) -> Scorer:
 def validate_eval(args: argparse.Namespace) -> None:
     """``--dry-run``: scorer names and (for a built-in set) the prompt set; no weights loaded."""
     _scorer_names(args.scorers)
-    if args.prompts in BUILTIN_SETS:
+    if args.prompts in prompt_set_names():
         load_prompts(args.prompts)
 
 
@@ -89,8 +90,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     tuned.add_argument("--lora", help="LoRA: a training run (or its final/ folder), or a .safetensors file")
     tuned.add_argument("--checkpoint", help="a checkpoint-N folder written by diffpo train")
     tuned.add_argument("--tuned-model", help="a full fine-tuned pipeline: local folder or hub id")
-    p.add_argument("--prompts", required=True, help=f"a .txt/.jsonl file or a built-in set ({', '.join(BUILTIN_SETS)})")
-    p.add_argument("--scorers", required=True, help=f"comma-separated reward models: {', '.join(sorted(SCORERS))}")
+    p.add_argument("--prompts", required=True, help=f"a .txt/.jsonl file or a built-in set ({', '.join(prompt_set_names())})")
+    p.add_argument("--scorers", required=True, help=f"comma-separated reward models: {', '.join(scorer_names())}")
     p.add_argument("--images-per-prompt", type=_positive_int, default=4, help="images per prompt and model (default 4)")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed SEED+j for both models")
     p.add_argument("--out", type=Path, required=True, help="output folder")

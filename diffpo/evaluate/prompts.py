@@ -2,9 +2,9 @@
 
 ``load_prompts(spec)`` takes
 
-* ``shapes-heldout`` -- the shapes-world prompts held out from training (``split_prompts`` of
-  ``all_prompts()`` with seed 0), which test composition rather than memorisation;
-* ``shapes-all`` -- every shapes-world prompt;
+* the name of a registered set (``register_prompt_set``; plugins are loaded when the name is not
+  registered): the shapes-world plugin adds ``shapes-heldout`` -- the shapes-world prompts held out
+  from training, which test composition rather than memorisation -- and ``shapes-all``;
 * a ``.jsonl`` file -- one JSON object a line with a ``prompt`` (or ``caption``) string;
 * any other file -- one prompt a line; blank lines and lines starting with ``#`` are skipped.
 
@@ -44,35 +44,43 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffpo.evaluate.run import EvalError
-from diffpo.toy.grammar import all_prompts, split_prompts
 
 JSONL_KEYS = ("prompt", "caption")
 """Keys a JSONL row may hold its prompt under, in order of preference (Pick-a-Pic uses caption)."""
 
-
-def _shapes_heldout() -> list[str]:
-    return [p.text for p in split_prompts(all_prompts(), heldout_fraction=0.2, seed=0)[1]]
-
-
-def _shapes_all() -> list[str]:
-    return [p.text for p in all_prompts()]
+PROMPT_SETS: dict[str, Callable[[], list[str]]] = {}
+"""Registered prompt sets: name -> a function returning the prompts (``register_prompt_set``)."""
 
 
-BUILTIN_SETS: dict[str, Callable[[], list[str]]] = {"shapes-heldout": _shapes_heldout, "shapes-all": _shapes_all}
+def register_prompt_set(name: str, prompts: Callable[[], list[str]], *, overwrite: bool = False) -> None:
+    """Make ``load_prompts(name)`` (and ``diffpo eval --prompts name``) return ``prompts()``."""
+    if name in PROMPT_SETS and not overwrite:
+        raise ValueError(f"prompt set {name!r} is already registered; pass overwrite=True to replace it")
+    PROMPT_SETS[name] = prompts
+
+
+def prompt_set_names() -> list[str]:
+    """Names of the registered sets, after loading the plugins that register them."""
+    from diffpo.plugins import load_plugins
+
+    load_plugins()
+    return list(PROMPT_SETS)
 
 
 def load_prompts(spec: str) -> list[str]:
-    """The prompts of a built-in set or a file, in file order (duplicates kept).
+    """The prompts of a registered set or a file, in file order (duplicates kept).
 
-    Built-in names win over a file of the same name (pass ``./shapes-all`` for the file), so a
+    Set names win over a file of the same name (pass ``./shapes-all`` for the file), so a
     name means the same set whatever the working directory holds.
     """
-    if spec in BUILTIN_SETS:
-        prompts = BUILTIN_SETS[spec]()
+    if spec not in PROMPT_SETS:
+        prompt_set_names()  # the name may be a plugin's
+    if spec in PROMPT_SETS:
+        prompts = PROMPT_SETS[spec]()
     else:
         path = Path(spec)
         if not path.is_file():
-            raise EvalError(f"prompt set '{spec}': no such file, and not a built-in set (built-in: {', '.join(BUILTIN_SETS)})")
+            raise EvalError(f"prompt set '{spec}': no such file, and not a built-in set (built-in: {', '.join(PROMPT_SETS) or 'none'})")
         text = _read_text(path)
         prompts = _parse_jsonl(text, path) if path.suffix == ".jsonl" else _parse_lines(text)
     if not prompts:

@@ -12,6 +12,10 @@ transformers' layout on load (the architectures are identical) instead of going 
 ``open_clip`` package, whose torchvision dependency cannot be installed next to the CPU
 build of torch this project uses. Heavy imports happen inside the factories, so importing
 this module costs no model-library import.
+
+Plugins add scorers to the same registry with ``register_scorer`` (the shapes world's
+programmatic ``shapes_*`` judges, ``diffpo.toy.scorers``); ``load_scorer`` and ``scorer_names``
+load the plugins (``diffpo.plugins``) before they give up on a name.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import nn
+
+from diffpo.plugins import load_plugins
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -65,6 +71,12 @@ def register_scorer(name: str, factory: ScorerFactory, *, overwrite: bool = Fals
     SCORERS[name] = factory
 
 
+def scorer_names() -> list[str]:
+    """Every registered scorer, sorted, after loading the plugins that register more."""
+    load_plugins()
+    return sorted(SCORERS)
+
+
 def load_scorer(
     name: str,
     *,
@@ -79,6 +91,8 @@ def load_scorer(
     is how tests and offline machines use it); other keyword arguments go to the scorer's
     factory (e.g. ``batch_size``, ``processor``, ``backbone``, ``head``).
     """
+    if name not in SCORERS:
+        load_plugins()  # the name may be a plugin's (e.g. the shapes world's shapes_color)
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; valid names: {', '.join(sorted(SCORERS))}")
     return SCORERS[name](model=model, device=torch.device(device), dtype=dtype, **kw)
@@ -597,12 +611,3 @@ register_scorer("aesthetic", _aesthetic)
 register_scorer("clip_score", _clip_score)
 register_scorer("imagereward", _imagereward)
 
-
-def _register_builtin_plugins() -> None:
-    """The shapes-world scorers live beside the real reward models (same protocol, same registry)."""
-    from diffpo.toy.scorers import register_shapes_scorers
-
-    register_shapes_scorers()
-
-
-_register_builtin_plugins()

@@ -1,6 +1,8 @@
 """Pixel-space sampling: the DDIM loop for models without a VAE (the shapes-world model).
 
-No diffusers pipeline runs a pixel-space text-to-image UNet, so this one model keeps its own loop:
+No diffusers pipeline runs a pixel-space text-to-image UNet, so this one model keeps its own loop,
+registered for the ``sd`` family's models without a VAE (``diffpo.toy.plugin``,
+``diffpo.family.PixelSampler``):
 the classifier-free-guidance DDIM loop of diffusers' StableDiffusionPipeline, minus the VAE. Every
 image gets its own seed (``initial_noise``), so base and tuned models compared "on the same seeds"
 start from the same noise image by image, whatever the batch size. Latent models sample through
@@ -14,6 +16,23 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+
+PIXEL_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 3.0, "scheduler": "ddim", "clip_sample": True}
+"""The shapes world's calibrated settings: ``SamplerSettings`` defaults for pixel-space models."""
+
+
+def build_sampler(components, network: torch.nn.Module, settings, device):
+    """``PixelSampler.build``: (prompts, seeds) -> images with ``sample_pixels`` and the resolved
+    ``diffpo.sampling.SamplerSettings``."""
+
+    def sample(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        return sample_pixels(
+            components, network, prompts, seeds, num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale, resolution=settings.resolution, device=device, clip_sample=settings.clip_sample,
+        )
+
+    return sample
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,66 +1,23 @@
-"""Word-level tokenizer and tiny CLIP text-encoder config for the shapes world.
+"""The shapes world's tokenizer: the core's word-level tokenizer over the grammar's vocabulary.
 
-The grammar is closed, so one id per word is exact and tiny; the tokenizer is
-a ``PreTrainedTokenizerFast`` so that diffusers' StableDiffusionPipeline (which
-expects a CLIP-style tokenizer: padding to ``model_max_length``, bos/eos) and
-``save_pretrained``/``AutoTokenizer.from_pretrained`` work unchanged.
+The grammar is closed, so one id per ``VOCAB`` word is exact and tiny (``diffpo.word_tokenizer``
+says how it stays CLIP-compatible).
 """
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordLevel
-from transformers import CLIPTextConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from diffpo.toy.grammar import VOCAB
+from diffpo.word_tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, build_word_tokenizer, text_encoder_config
 
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
-"""Ids 0..3.  EOS must not be id 2: CLIPTextModel treats eos_token_id == 2 as the
-legacy config and then pools at the *largest id* instead of at the eos token."""
+__all__ = ["BOS", "EOS", "PAD", "SPECIAL_TOKENS", "UNK", "build_tokenizer", "text_encoder_config"]
 
 
 def build_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
-    """Lower-cased, whitespace-split, one id per ``VOCAB`` word; wraps text in bos/eos.
+    """One id per ``VOCAB`` word, bos/eos around the text, ``<unk>`` for other words.
 
-    Unknown words map to ``<unk>``.  The longest grammar prompt is 12 words
-    ("a small red sks star on the left on a black background"), so the default
-    ``max_length`` of 16 fits every prompt plus bos/eos untruncated.
+    The longest grammar prompt is 12 words ("a small red sks star on the left on a black
+    background"), so the default ``max_length`` of 16 fits every prompt plus bos/eos untruncated.
     """
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *VOCAB])}
-    backend = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}",
-        pair=f"{BOS} $A {EOS} $B {EOS}",
-        special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        model_max_length=max_length,
-        pad_token=PAD,
-        unk_token=UNK,
-        bos_token=BOS,
-        eos_token=EOS,
-    )
-
-
-def text_encoder_config(
-    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2, heads: int = 4
-) -> CLIPTextConfig:
-    """A tiny ``CLIPTextConfig`` sized to ``tokenizer`` (vocabulary, context, special ids)."""
-    if hidden_size % heads:
-        raise ValueError(f"hidden_size {hidden_size} must be divisible by heads {heads}")
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        projection_dim=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=tokenizer.model_max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    return build_word_tokenizer(VOCAB, max_length)
