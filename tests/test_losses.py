@@ -177,3 +177,22 @@ def test_losses_are_per_pair_shape_and_differentiable():
         assert loss.shape == (5,), name
         loss.mean().backward()
         assert err_w.grad is not None and torch.isfinite(err_w.grad).all(), name
+
+
+def _dL_dh(name: str, h: float, alpha: float = math.log(999)) -> float:
+    """dL/dh of a reference-using loss at margin h (beta = 2, equal refs: h = -(err_w - err_l))."""
+    err_w = torch.tensor([-h], dtype=torch.float64, requires_grad=True)
+    hparams = {"beta": 2.0, **({"alpha": alpha} if name == "dmpo" else {})}
+    LOSSES[name](err_w, t(0.0), t(0.0), t(0.0), **hparams).sum().backward()
+    return -err_w.grad.item()  # dh/derr_w = -1
+
+
+def test_dmpo_pushes_harder_than_dpo_at_zero_margin_and_goes_flat_past_alpha():
+    """The docstring's claims (issue 17): at h = 0 DMPO's pull is -alpha/4 against DPO's -1/2; past
+    alpha it pulls back, but by h = 3 alpha the gradient is ~1e-8 (flat: no bound on overshoot)."""
+    alpha = math.log(999)
+    assert _dL_dh("dmpo", 0.0) == pytest.approx(-alpha / 4)
+    assert _dL_dh("diffusion_dpo", 0.0) == pytest.approx(-0.5)
+    assert _dL_dh("dmpo", 2 * alpha) > 0  # past alpha: a pull back ...
+    assert 0 < _dL_dh("dmpo", 3 * alpha) < 1e-7  # ... that has faded to nothing at 3 alpha
+    assert _dL_dh("dmpo", 44.0) < 1e-15  # the margins the shapes-world runs logged
