@@ -23,7 +23,7 @@ from typing import Any
 
 STATE_FILE = "trainer_state.json"
 MARKER_FILE = "complete.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^\.checkpoint-\d+\.(tmp|trash|old)$")
 
 
@@ -68,7 +68,7 @@ def _named_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    return [(int(m.group(1)), child) for child in output_dir.iterdir() if (m := _NAME.match(child.name)) and child.is_dir()]
+    return [(int(m.group(1)), child) for child in output_dir.iterdir() if (m := CHECKPOINT_NAME.match(child.name)) and child.is_dir()]
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:

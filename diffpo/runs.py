@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
+
+from diffpo.checkpoint import CHECKPOINT_NAME
 
 if TYPE_CHECKING:
     from diffpo.config import Config
@@ -45,7 +46,6 @@ _DECAYING_SCHEDULES = ("linear", "cosine")
 
 # What a run writes into its output folder; any of them means the folder holds a run.
 _RUN_FILES = ("metrics.jsonl", "config.yaml", "final")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class RunFolderError(RuntimeError):
@@ -169,7 +169,7 @@ def run_contents(output_dir: Path) -> list[str]:
     found = []
     for child in sorted(output_dir.iterdir()):
         name = child.name
-        if name in _RUN_FILES or _CHECKPOINT.match(name) or (name.startswith(".checkpoint-") and child.is_dir()):
+        if name in _RUN_FILES or CHECKPOINT_NAME.match(name) or (name.startswith(".checkpoint-") and child.is_dir()):
             found.append(name + ("/" if child.is_dir() else ""))
     return found
 
@@ -189,7 +189,7 @@ def prepare_output_dir(output_dir: Path, resume_from: Path | None, overwrite: bo
         _supersede_later(output_dir, _step_of(resume_from))
         return None
     contents = run_contents(output_dir)
-    if asked_latest and not any(_CHECKPOINT.match(c.rstrip("/")) or c == "final/" for c in contents):
+    if asked_latest and not any(CHECKPOINT_NAME.match(c.rstrip("/")) or c == "final/" for c in contents):
         return None
     if contents:
         if not overwrite:
@@ -213,12 +213,12 @@ def prepare_output_dir(output_dir: Path, resume_from: Path | None, overwrite: bo
 
 
 def _step_of(checkpoint: Path) -> int:
-    match = _CHECKPOINT.match(checkpoint.name)
+    match = CHECKPOINT_NAME.match(checkpoint.name)
     return int(match.group(1)) if match else -1
 
 
 def _supersede_later(output_dir: Path, step: int) -> None:
-    later = [c for c in output_dir.iterdir() if _CHECKPOINT.match(c.name) and int(_CHECKPOINT.match(c.name).group(1)) > step]
+    later = [c for c in output_dir.iterdir() if _step_of(c) > step]
     if not later:
         return
     aside = output_dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
