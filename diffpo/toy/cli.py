@@ -108,6 +108,7 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--base", default=None, help="base model folder (default: the committed toy base)")
+    p.add_argument("--no-image-cache", action="store_true", help="sample the base model's images again instead of reading them from the image cache (~/.cache/diffpo/images or $DIFFPO_CACHE_DIR)")
 
 
 def _hparams(items: list[str]) -> dict[str, float]:
@@ -132,6 +133,7 @@ def _settings(args: argparse.Namespace, loss: str):
         task=args.task, style=args.style, severity=args.severity, reward=args.reward, label_noise=args.label_noise,
         tie_margin=args.tie_margin, loss=loss, pairs_per_prompt=args.pairs_per_prompt, steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.lr, lora_rank=args.lora_rank, loss_hparams=_hparams(args.hparam), eval_per_prompt=args.eval_per_prompt, seed=args.seed, device=args.device,
+        cache_base_images=not args.no_image_cache,
     )
 
 
@@ -152,13 +154,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     validate_demo(args)
 
     report = run_experiment(_settings(args, args.loss), args.out, base=args.base)
+    print(summary_line(report, args.out))
+    return 0 if report["passed"] else 1
+
+
+def summary_line(report: dict, out: Path) -> str:
+    from diffpo.toy.demo import verdict
+
     lo, hi = report["win_rate_ci"]
-    print(
+    return (
         f"{report['method']} on {report['task']}: win rate {report['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]; "
-        f"faithfulness {report['faithfulness_base']:.3f} -> {report['faithfulness_tuned']:.3f}; {report['seconds']:.0f}s. "
-        f"Report: {args.out / 'report.md'}"
+        f"faithfulness {report['faithfulness_base']:.3f} -> {report['faithfulness_tuned']:.3f}; "
+        f"quality {report['quality_base']:.3f} -> {report['quality_tuned']:.3f}; {verdict(report)}; {report['seconds']:.0f}s. "
+        f"Report: {out / 'report.md'}"
     )
-    return 0
 
 
 def _seeds(text: str) -> list[int]:
