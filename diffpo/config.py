@@ -122,7 +122,7 @@ class LossConfig:
     name: str = "mapo"
     """One of ``diffpo losses``. Every other key in this section is the objective's hparam, e.g.
     ``loss.beta=0.2``; unknown hparams are an error."""
-    hparams: dict[str, float] = field(default_factory=dict)
+    hparams: dict[str, float | str] = field(default_factory=dict)
 
     def __post_init__(self):
         try:
@@ -304,7 +304,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         kwargs["name"] = _coerce(data.pop("name", LossConfig.name), str, "loss.name")
         hparams = data.pop("hparams", {}) or {}
         hparams.update(data)
-        kwargs["hparams"] = {k: _coerce(v, float, f"loss.{k}") for k, v in hparams.items()}
+        kwargs["hparams"] = {k: _coerce(v, float | str, f"loss.{k}") for k, v in hparams.items()}  # numbers, or a choice (fdpo's divergence)
         return cls(**kwargs)
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
