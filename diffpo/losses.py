@@ -386,6 +386,9 @@ class LossSpec:
             raise ValueError(f"loss '{self.name}' has no hparam {', '.join(map(repr, unknown))} (valid: {valid})")
         for key, value in hparams.items():
             bounds = self.ranges.get(key)
+            if isinstance(value, str) != isinstance(self.hparams[key], str):  # "big" for beta, 3 for divergence
+                expected = f"one of {format_range(bounds)}" if isinstance(bounds, Choice) else "a number"
+                raise ValueError(f"loss.{key}: must be {expected}, got {value!r}")
             if bounds is not None and not _in_range(value if isinstance(value, str) else float(value), bounds):
                 shown = value if isinstance(value, str) else f"{value:g}"
                 raise ValueError(f"loss.{key}={shown}: outside the range of '{self.name}' {key}, {format_range(bounds)}")

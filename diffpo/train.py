@@ -122,6 +122,12 @@ def pair_errors(
     return out
 
 
+def example_labels(batch: dict) -> dict[str, torch.Tensor]:
+    """``desirable_w`` / ``desirable_l`` (bool, (B,)) of a batch of unpaired examples, two per row;
+    empty for preference pairs. Losses with ``examples="unpaired"`` need them (``LossSpec``)."""
+    return {key: batch[key] for key in ("desirable_w", "desirable_l") if key in batch}
+
+
 def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
     """Average logged metrics over processes (equal batch sizes: the global-batch means)."""
     if accelerator.num_processes == 1:
@@ -520,6 +526,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         micro_step += 1
         with accelerator.accumulate(model.network):
             errors = pair_errors(model.components, model.network, batch, generators, model.reference, sample_vae, accelerator.autocast, spec.loser_prompt)
+            errors.update(example_labels(batch))  # unpaired examples' desirable/undesirable labels (Diffusion-KTO)
             loss = spec(**errors, **hparams).mean()
             # Every rank must agree on skipping, or DDP would wait forever for a backward.
             finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
