@@ -180,8 +180,10 @@ def register_family(cls: type[Family]) -> type[Family]:
     """Make ``model.family: <cls.name>`` (and ``auto`` for its pipeline classes, and its ``tiny:``
     ids) resolve to ``cls``. A name, pipeline class or tiny id another family holds is refused."""
     others = [other for name, other in FAMILIES.items() if name != cls.name]
-    if cls.name in FAMILIES and FAMILIES[cls.name].__qualname__ != cls.__qualname__:
-        raise ValueError(f"model family {cls.name!r} is already registered ({FAMILIES[cls.name].__qualname__}); unregister_family it first")
+    held = FAMILIES.get(cls.name)
+    # The same class again (its module re-imported) replaces itself; another class under the name is refused.
+    if held is not None and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"model family {cls.name!r} is already registered ({held.__module__}.{held.__qualname__}); unregister_family({cls.name!r}) first")
     for attribute in ("detect_pipeline_classes", "tiny_models"):
         taken = {key: other.name for other in others for key in own_declaration(other, attribute, ())}
         clash = [key for key in own_declaration(cls, attribute, ()) if key in taken]

@@ -31,4 +31,4 @@ The objectives then use these errors exactly as they use epsilon errors (beta an
 SNR-dependent term keep their DDPM meaning only approximately: tune beta per family).
 """
 
-from diffpo.families import flux, sd, sd3, sdxl  # noqa: F401  (each registers its family)
+from diffpo.families import sd, sdxl, sd3, flux  # noqa: F401, I001  (each registers its family; this order is the order error messages list them in)
