@@ -194,6 +194,8 @@ def test_a_plugin_registers_a_format_through_its_entry_point(monkeypatch, tmp_pa
     entry = EntryPoint(name="csv", value="extending.csv_format:register", group=plugins.GROUP)
     monkeypatch.setattr(plugins, "entry_points", lambda group: [entry] if group == plugins.GROUP else [])
     assert "test_csv" not in FORMATS
+    DataConfig(format="auto"), DataConfig(format="manifest")
+    assert plugins._loaded is None  # a known name loads no plugin
     try:
         source, _ = _csv_of(pair_dir, tmp_path)
         records, _ = load_pair_records(DataConfig(source=str(source), format="test_csv"))

@@ -96,7 +96,7 @@ def _ensure_registered(name: str | None = None) -> None:
     """Register the built-in formats, and the plugins' when ``name`` is still unknown."""
     import diffpo.data.formats  # noqa: F401  (each built-in module registers itself)
 
-    if name is not None and name not in FORMATS:
+    if name is not None and name != AUTO and name not in FORMATS:
         from diffpo.plugins import load_plugins
 
         load_plugins()
