@@ -126,7 +126,7 @@ def _add_common_flags(sub: argparse._SubParsersAction) -> None:
 
 # Other modules add subcommands here (eval, pairs, ..., and plugins' commands), keeping this file small.
 _EXTRA_COMMANDS: list = []
-_CORE_COMMAND_MODULES = ("diffpo.evaluate.cli", "diffpo.data.cli", "diffpo.cache", "diffpo.web.cli")
+_CORE_COMMAND_MODULES = ("diffpo.evaluate.cli", "diffpo.data.cli", "diffpo.data.cache", "diffpo.web.cli")
 
 
 def register_command(register_cli) -> None:

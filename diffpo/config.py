@@ -91,7 +91,9 @@ class DataConfig:
     source: str = "data/tiny_pairs/pairs.jsonl"
     """A JSONL manifest (prompt, chosen, rejected), a folder holding pairs.jsonl, a local
     parquet/arrow/json file or folder, or a hub dataset id (Pick-a-Pic schema)."""
-    format: Literal["auto", "manifest", "pickapic"] = "auto"
+    format: str = "auto"
+    """``auto`` (detected from the source), or a registered format (``diffpo.data.format``): ``manifest``,
+    ``pickapic``, or one a plugin adds."""
     split: str = "train"
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping for other schemas, e.g. {caption: prompt, image_0: img_a, image_1: img_b,
@@ -115,6 +117,9 @@ class DataConfig:
         _check(self.cache is None or bool(self.cache.strip()), "data.cache", "must be a folder or null")
         _check(self.max_pairs is None or self.max_pairs > 0, "data.max_pairs", "must be positive")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        from diffpo.data.format import format_names, is_known_format  # here: diffpo.data imports this module
+
+        _check(is_known_format(self.format), "data.format", f"unknown format {self.format!r} (known: {', '.join(format_names())})")
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from diffpo.cache import CachedPairDataset, check_meta, collate_cached
+from diffpo.data.cache import CachedPairDataset, check_meta, collate_cached
 from diffpo.checkpoint import last_checkpoint_note, list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
@@ -93,7 +93,7 @@ def pair_errors(
     """Per-sample errors of the trained network (and of the reference when given) on one batch.
 
     One forward pass over the 2B inputs [winners; losers] with shared noise and timestep per pair.
-    A batch from a latent cache (``diffpo.cache``) brings its latents and conditioning along.
+    A batch from a latent cache (``diffpo.data.cache``) brings its latents and conditioning along.
     ``loser_prompt="rejected"`` conditions the losers on the batch's ``rejected_prompts``
     (DreamBooth's class prompts) instead of the pair's prompts.
     """
@@ -372,10 +372,12 @@ def make_trainable(components: Components, cfg: Config, spec: LossSpec, device: 
 
 
 def compile_model(model: Model, mode: str) -> None:
-    """Regional torch.compile (``train.compile``) of the trained network and a frozen reference copy."""
-    compile_network(_unwrap(model.network), mode)
+    """torch.compile (``train.compile``) of the trained network and a frozen reference copy;
+    ``regional`` compiles the blocks the family declares (``Family.compile_blocks``)."""
+    blocks = model.components.family.compile_blocks
+    compile_network(_unwrap(model.network), mode, blocks)
     if model.reference is not None and model.reference.frozen is not None:
-        compile_network(model.reference.frozen, mode)
+        compile_network(model.reference.frozen, mode, blocks)
 
 
 def setup_optimizer(cfg: Config, network: torch.nn.Module, device: torch.device | str, num_processes: int = 1) -> Optim:
