@@ -105,6 +105,10 @@ class DataConfig:
     random_flip: bool = True
     strict: bool = False
     """Stop before training on the first bad row instead of skipping it with a warning."""
+    unpaired: bool = False
+    """Split each preference pair into two unpaired examples (the chosen image desirable, the
+    rejected one not) for objectives that learn from single labelled images (``loss.name: kto``).
+    Sources in an unpaired format (``unpaired``, ``unpaired_table``) need no flag."""
     max_pairs: int | None = None
     num_workers: int = 0
     cache: str | None = None

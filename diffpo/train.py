@@ -297,6 +297,17 @@ def setup_data(cfg: Config, accelerator, spec: LossSpec, cache_dir: Path | None 
     records, report = load_pair_records(cfg.data, seed=cfg.seed)
     if accelerator.is_main_process:
         logger.info(report.summary())
+    unpaired = records[0].labels is not None
+    if spec.examples == "unpaired" and not unpaired:
+        raise TrainingError(
+            f"{cfg.data.source}: loss '{spec.name}' learns from unpaired examples (single images labelled desirable or not) and this "
+            "source holds preference pairs; set data.unpaired=true to split each pair (chosen desirable, rejected not), or use a "
+            "source in the unpaired format (README, Data formats)"
+        )
+    if spec.examples == "pairs" and unpaired:
+        raise TrainingError(f"{cfg.data.source}: loss '{spec.name}' needs preference pairs, and this data is unpaired examples (data.format or data.unpaired); use loss.name=kto, or a pair source")
+    if spec.loser_prompt == "rejected" and cfg.data.cache:
+        raise TrainingError(f"data.cache: loss '{spec.name}' conditions the second image of a row on its own prompt, and the latent cache holds one prompt per row; train without data.cache")
     if spec.loser_prompt == "rejected" and (missing := [r.row for r in records if r.rejected_prompt is None]):
         raise TrainingError(f"{cfg.data.source}, row {missing[0]}: loss '{spec.name}' conditions the rejected image on the pair's rejected_prompt (the class prompt), and {len(missing)} pair(s) have none; build the pairs with `diffpo pairs from-images --rejected-prompts`")
     global_batch = tc.batch_size * accelerator.num_processes
