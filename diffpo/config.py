@@ -105,6 +105,10 @@ class DataConfig:
     random_flip: bool = True
     strict: bool = False
     """Stop before training on the first bad row instead of skipping it with a warning."""
+    unpaired: bool = False
+    """Split each preference pair into two unpaired examples (the chosen image desirable, the
+    rejected one not) for objectives that learn from single labelled images (``loss.name: kto``).
+    Sources in an unpaired format (``unpaired``, ``unpaired_table``) need no flag."""
     max_pairs: int | None = None
     num_workers: int = 0
     cache: str | None = None
@@ -127,7 +131,7 @@ class LossConfig:
     name: str = "mapo"
     """One of ``diffpo losses``. Every other key in this section is the objective's hparam, e.g.
     ``loss.beta=0.2``; unknown hparams are an error."""
-    hparams: dict[str, float] = field(default_factory=dict)
+    hparams: dict[str, float | str] = field(default_factory=dict)
 
     def __post_init__(self):
         try:
@@ -309,7 +313,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         kwargs["name"] = _coerce(data.pop("name", LossConfig.name), str, "loss.name")
         hparams = data.pop("hparams", {}) or {}
         hparams.update(data)
-        kwargs["hparams"] = {k: _coerce(v, float, f"loss.{k}") for k, v in hparams.items()}
+        kwargs["hparams"] = {k: _coerce(v, float | str, f"loss.{k}") for k, v in hparams.items()}  # numbers, or a choice (fdpo's divergence)
         return cls(**kwargs)
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key

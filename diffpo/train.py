@@ -122,6 +122,12 @@ def pair_errors(
     return out
 
 
+def example_labels(batch: dict) -> dict[str, torch.Tensor]:
+    """``desirable_w`` / ``desirable_l`` (bool, (B,)) of a batch of unpaired examples, two per row;
+    empty for preference pairs. Losses with ``examples="unpaired"`` need them (``LossSpec``)."""
+    return {key: batch[key] for key in ("desirable_w", "desirable_l") if key in batch}
+
+
 def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
     """Average logged metrics over processes (equal batch sizes: the global-batch means)."""
     if accelerator.num_processes == 1:
@@ -291,6 +297,17 @@ def setup_data(cfg: Config, accelerator, spec: LossSpec, cache_dir: Path | None 
     records, report = load_pair_records(cfg.data, seed=cfg.seed)
     if accelerator.is_main_process:
         logger.info(report.summary())
+    unpaired = records[0].labels is not None
+    if spec.examples == "unpaired" and not unpaired:
+        raise TrainingError(
+            f"{cfg.data.source}: loss '{spec.name}' learns from unpaired examples (single images labelled desirable or not) and this "
+            "source holds preference pairs; set data.unpaired=true to split each pair (chosen desirable, rejected not), or use a "
+            "source in the unpaired format (README, Data formats)"
+        )
+    if spec.examples == "pairs" and unpaired:
+        raise TrainingError(f"{cfg.data.source}: loss '{spec.name}' needs preference pairs, and this data is unpaired examples (data.format or data.unpaired); use loss.name=kto, or a pair source")
+    if spec.loser_prompt == "rejected" and cfg.data.cache:
+        raise TrainingError(f"data.cache: loss '{spec.name}' conditions the second image of a row on its own prompt, and the latent cache holds one prompt per row; train without data.cache")
     if spec.loser_prompt == "rejected" and (missing := [r.row for r in records if r.rejected_prompt is None]):
         raise TrainingError(f"{cfg.data.source}, row {missing[0]}: loss '{spec.name}' conditions the rejected image on the pair's rejected_prompt (the class prompt), and {len(missing)} pair(s) have none; build the pairs with `diffpo pairs from-images --rejected-prompts`")
     global_batch = tc.batch_size * accelerator.num_processes
@@ -522,6 +539,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         micro_step += 1
         with accelerator.accumulate(model.network):
             errors = pair_errors(model.components, model.network, batch, generators, model.reference, sample_vae, accelerator.autocast, spec.loser_prompt)
+            errors.update(example_labels(batch))  # unpaired examples' desirable/undesirable labels (Diffusion-KTO)
             loss = spec(**errors, **hparams).mean()
             # Every rank must agree on skipping, or DDP would wait forever for a backward.
             finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())

@@ -174,10 +174,10 @@ def test_a_format_row_it_cannot_use_is_named_and_an_unregistered_format_is_a_con
     with pytest.raises(DataError, match=r"bad.csv, row 0: image 0: image file not found: .*missing.png \(data.strict"):
         load_pair_records(DataConfig(source=str(source), format="test_csv", strict=True))
     unregister_format("test_csv")
-    with pytest.raises(ConfigError, match=r"^data.format: unknown format 'test_csv' \(known: auto, manifest, pickapic\)$"):
+    with pytest.raises(ConfigError, match=r"^data.format: unknown format 'test_csv' \(known: auto, manifest, pickapic, unpaired, unpaired_table\)$"):
         DataConfig(source=str(source), format="test_csv")
     assert main(_train_argv(tmp_path / "run", f"data.source={source}", "data.format=test_csv")) == 2
-    assert "diffpo train: error: data.format: unknown format 'test_csv' (known: auto, manifest, pickapic)" in capsys.readouterr().err
+    assert "diffpo train: error: data.format: unknown format 'test_csv' (known: auto, manifest, pickapic, unpaired, unpaired_table)" in capsys.readouterr().err
 
 
 def test_a_plugin_registers_a_format_through_its_entry_point(monkeypatch, tmp_path, pair_dir):
@@ -204,7 +204,7 @@ def test_a_plugin_registers_a_format_through_its_entry_point(monkeypatch, tmp_pa
         unregister_format("test_csv")
 
 
-def test_the_format_registry_keeps_names_unique_and_pairs_apart_from_unpaired_rows(tmp_path):
+def test_the_format_registry_keeps_names_unique_and_reads_unpaired_rows(tmp_path):
     from diffpo.config import DataConfig
     from diffpo.data import DataError, DataFormat, load_pair_records, register_format, unregister_format
 
@@ -212,12 +212,19 @@ def test_the_format_registry_keeps_names_unique_and_pairs_apart_from_unpaired_ro
         register_format(DataFormat("manifest", lambda cfg: []))
     with pytest.raises(ValueError, match="'auto' is not a format name"):
         register_format(DataFormat("auto", lambda cfg: []))
-    # a format may yield single images with a desirable/undesirable label (Diffusion-KTO's feedback);
-    # the pair reader says it cannot use them instead of misreading them
-    register_format(DataFormat("test_unpaired", lambda cfg: iter([("a red circle", "x.png", True)]), rows="unpaired"))
+    # a format may yield single images with a desirable/undesirable label (Diffusion-KTO's feedback):
+    # they come back packed two per record, each with its label (issue 18)
+    from PIL import Image
+
+    from diffpo.data.format import RawExample
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    examples = [RawExample(i, f"shape {i}", str(tmp_path / "x.png"), i % 2 == 0) for i in range(4)]
+    register_format(DataFormat("test_unpaired", lambda cfg: iter(examples), rows="unpaired"))
     try:
-        with pytest.raises(DataError, match=r"^data.format: 'test_unpaired' yields unpaired rows, and this reads preference pairs$"):
-            load_pair_records(DataConfig(source=str(tmp_path), format="test_unpaired"))
+        records, report = load_pair_records(DataConfig(source=str(tmp_path), format="test_unpaired"))
+        assert len(records) == 2 and report.desirable == 2
+        assert all(r.labels == (int(r.prompt.split()[1]) % 2 == 0, int(r.rejected_prompt.split()[1]) % 2 == 0) for r in records)
     finally:
         unregister_format("test_unpaired")
 

@@ -16,8 +16,8 @@ names the known ones), so a typo stops before any model loads.
 
 A format declares the kind of rows it yields (``DataFormat.rows``): ``pairs`` (``RawPair``, what
 every objective of ``diffpo.losses`` trains on today), or ``unpaired``: single images with a
-desirable/undesirable label (Diffusion-KTO's feedback, issue 18). No reader of unpaired rows exists
-yet; ``load_pair_records`` refuses such a format with a line that says so.
+desirable/undesirable label (``RawExample``: Diffusion-KTO's feedback; ``diffpo.data.formats.unpaired``).
+``load_pair_records`` packs unpaired examples two per row for objectives that learn from them.
 """
 
 from __future__ import annotations
@@ -55,12 +55,26 @@ class RawPair:
 
 
 @dataclass(frozen=True)
+class RawExample:
+    """One row of an unpaired format (``DataFormat.rows == "unpaired"``): a single image with a
+    desirable / undesirable label (thumbs up or down), before validation."""
+
+    row: int
+    prompt: Any
+    image: Any
+    desirable: Any
+    """True / False (also 1 / 0, or the strings "true" / "false"); anything else is a bad row."""
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class DataFormat:
     """A source format: its name (``data.format``), its reader, and what kind of rows it yields."""
 
     name: str
     read: Callable[["DataConfig"], Iterable[Any]]
-    """``read(data_config)`` -> rows (``RawPair`` for ``rows="pairs"``), lazily; a source that
+    """``read(data_config)`` -> rows (``RawPair`` for ``rows="pairs"``, ``RawExample`` for
+    ``rows="unpaired"``), lazily; a source that
     cannot be read at all raises ``DataError`` naming it."""
     rows: RowKind = "pairs"
     detect: Callable[[str], bool] | None = None
