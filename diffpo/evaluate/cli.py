@@ -54,8 +54,9 @@ class EvalOptions:
         if len(tuned) != 1:
             raise ConfigError(f"lora / checkpoint / tuned_model: give exactly one tuned model (--lora, --checkpoint or --tuned-model), got {len(tuned) or 'none'}")
         for key in ("images_per_prompt", "batch_size", "max_prompts"):
-            if (getattr(self, key) or 1) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
         valid = scorer_names()
         if not self.scorers:
             raise ConfigError(f"scorers: no scorer names (valid: {', '.join(valid)})")
