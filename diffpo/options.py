@@ -72,6 +72,7 @@ class Option:
     path: tuple[str, ...]
     """Attribute path from the options object (a flattened section's name is in it, not in ``key``)."""
     flag: str
+    """``--max-prompts``; a positional option's metavar (``EVAL_DIR``)."""
     annotation: Any
     default: Any
     """``MISSING`` for a required option."""
@@ -92,9 +93,9 @@ def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = (), instance
             inner = prefix if f.metadata.get("flatten") else f"{prefix}{f.name}."
             out += options_of(hints[f.name], inner, (*path, f.name), None if default is MISSING else default)
             continue
-        key = prefix + f.name
-        flag = f.metadata.get("flag") or "--" + key.replace("_", "-")
-        out.append(Option(key, (*path, f.name), flag, hints[f.name], default, docs.get(f.name, ""), f.metadata.get("positional", False)))
+        key, positional = prefix + f.name, f.metadata.get("positional", False)
+        flag = key.upper() if positional else f.metadata.get("flag") or "--" + key.replace("_", "-")
+        out.append(Option(key, (*path, f.name), flag, hints[f.name], default, docs.get(f.name, ""), positional))
     return out
 
 
@@ -183,7 +184,7 @@ def _add_flag(parser: argparse.ArgumentParser, option: Option) -> None:
     kind = _without_none(option.annotation)
     common = {"default": argparse.SUPPRESS, "help": _help(option)}  # absent unless given: the layers below show through
     if option.positional:
-        parser.add_argument(DEST + option.key, nargs="?", metavar=option.key.upper(), **common)
+        parser.add_argument(DEST + option.key, nargs="?", metavar=option.flag, **common)
     elif kind is bool:
         parser.add_argument(option.flag, dest=DEST + option.key, action=argparse.BooleanOptionalAction, **common)
     elif get_origin(kind) is dict:
