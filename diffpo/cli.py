@@ -60,7 +60,7 @@ class TrainOptions:
 
     config: Config = flattened(Config)
     num_processes: int = 1
-    """Data-parallel processes: re-runs the command under ``accelerate launch``, one process per GPU
+    """Data-parallel processes: runs the same config under ``accelerate launch``, one process per GPU
     (gloo on CPUs when there are fewer GPUs)."""
 
     def __post_init__(self):
