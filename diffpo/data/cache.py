@@ -24,19 +24,21 @@ finished shards; running the same command again computes the missing ones only. 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffpo.config import Config
+from diffpo.config import Config, ConfigError, flattened
 from diffpo.data import DataError, PairDataset, PairRecord, collate_pairs, load_pair_records
+from diffpo.options import add_command
 
 logger = logging.getLogger(__name__)
 
@@ -282,37 +284,48 @@ def collate_cached(items: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def validate_cache(args: argparse.Namespace) -> Config:
-    """The config and the build options, checked before any data is read or model loaded."""
-    from diffpo.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    if not cfg.data.center_crop:
-        raise CacheError("data.center_crop: must be true to build a cache (it stores one crop per image; random crops would be frozen at build time)")
-    if args.shard_size <= 0 or args.batch_size <= 0:
-        raise CacheError(f"--shard-size and --batch-size must be positive, got {args.shard_size} and {args.batch_size}")
-    return cfg
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
-    cfg = validate_cache(args)
+@dataclass
+class CacheOptions:
+    """``diffpo cache``: the training ``Config`` (its model and data sections are used, its keys at
+    the top level) and how to build the cache."""
+
+    out: Path
+    """Cache folder (an interrupted build there is resumed)."""
+    config: Config = flattened(Config)
+    shard_size: int = 256
+    """Pairs per safetensors shard."""
+    flip_copies: bool = False
+    """Also store latents of the mirrored images (needed for data.random_flip)."""
+    batch_size: int = 8
+    """Pairs encoded at once."""
+    device: str = field(default_factory=_default_device)
+    """Torch device for the VAE and text encoders (cuda when there is one)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Stored tensor dtype (float16/bfloat16 halve the size)."""
+
+    def __post_init__(self):
+        if not self.config.data.center_crop:
+            raise CacheError("data.center_crop: must be true to build a cache (it stores one crop per image; random crops would be frozen at build time)")
+        for key in ("shard_size", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+
+
+def cmd_cache(o: CacheOptions) -> int:
     meta_path = build_cache(
-        cfg, args.out, shard_size=args.shard_size, flip_copies=args.flip_copies, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, progress=cfg.logging.progress,
+        o.config, o.out, shard_size=o.shard_size, flip_copies=o.flip_copies, batch_size=o.batch_size,
+        device=o.device, dtype=o.dtype, progress=o.config.logging.progress,
     )
     meta = json.loads(meta_path.read_text())
-    print(f"{meta['num_pairs']} pairs cached in {len(meta['shards'])} shard(s) under {args.out}; train with: diffpo train --config FILE data.cache={args.out}")
+    print(f"{meta['num_pairs']} pairs cached in {len(meta['shards'])} shard(s) under {o.out}; train with: diffpo train --config FILE data.cache={o.out}")
     return 0
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("cache", help="precompute VAE latents and text embeddings for training")
-    p.add_argument("--config", required=False, help="the training YAML config (model and data sections are used)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.center_crop=true")
-    p.add_argument("--out", required=True, type=Path, help="cache folder (an interrupted build there is resumed)")
-    p.add_argument("--shard-size", type=int, default=256, help="pairs per safetensors shard")
-    p.add_argument("--flip-copies", action="store_true", help="also store latents of the mirrored images (needed for data.random_flip)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs encoded at once")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="stored tensor dtype (float16/bfloat16 halve the size)")
-    p.set_defaults(func=cmd_cache, validate=validate_cache)
+    add_command(sub, "cache", CacheOptions, cmd_cache, help="precompute VAE latents and text embeddings for training",
+                description="Precompute VAE latents and text embeddings for training: the training config's keys (a YAML "
+                "file, overrides or the flags below) say which model and pairs; the other flags how to build the cache.")

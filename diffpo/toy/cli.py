@@ -4,38 +4,79 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from diffpo.config import ConfigError, flattened
+from diffpo.options import add_command
+from diffpo.toy.demo import DemoSettings
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+
+@dataclass
+class PretrainOptions:
+    out: Path
+    """Folder for the base model (a diffusers folder with pretrain.json)."""
+    steps: int = 6000
+    """Optimizer steps."""
+    batch_size: int = 128
+    """Images per step."""
+    lr: float = 1e-3
+    """Learning rate."""
+    seed: int = 0
+    """Seed of the data and the initial weights."""
+    device: str = "cpu"
+    """Torch device."""
+
+
+def cmd_pretrain(o: PretrainOptions) -> int:
     from diffpo.toy.base import measure_faithfulness, pretrain
 
-    out = pretrain(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+    out = pretrain(o.out, steps=o.steps, batch_size=o.batch_size, lr=o.lr, seed=o.seed, device=o.device)
     info = json.loads((out / "pretrain.json").read_text())
-    info["faithfulness"] = measure_faithfulness(out, device=args.device)
+    info["faithfulness"] = measure_faithfulness(out, device=o.device)
     (out / "pretrain.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info, indent=2))
+    return 0
+
+
+@dataclass
+class DemoOptions:
+    """``diffpo demo``: one experiment's ``DemoSettings`` (its keys at the top level) and where it goes."""
+
+    out: Path = Path("demo_out")
+    """Folder for pairs/, train/, eval/, report.md, report.json and curves.png."""
+    base: str | None = None
+    """Base model folder; null: the committed toy base."""
+    settings: DemoSettings = flattened(DemoSettings)
+
+    def __post_init__(self):
+        """The objective and its hparams (names and ranges), before any pair is built."""
+        from diffpo.losses import get_loss
+
+        try:
+            get_loss(self.settings.loss).resolve_hparams(self.settings.loss_hparams)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+def cmd_demo(o: DemoOptions) -> int:
+    from diffpo.toy.demo import run_experiment
+
+    report = run_experiment(o.settings, o.out, base=o.base)
+    lo, hi = report["win_rate_ci"]
+    print(
+        f"{report['method']} on {report['task']}: win rate {report['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]; "
+        f"faithfulness {report['faithfulness_base']:.3f} -> {report['faithfulness_tuned']:.3f}; {report['seconds']:.0f}s. "
+        f"Report: {o.out / 'report.md'}"
+    )
     return 0
 
 
 def register_cli(sub) -> None:
     toy = sub.add_parser("toy", help="the offline shapes world: base model, preference tasks, comparisons")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
-
-    p = toy_sub.add_parser("pretrain", help="train the toy base model from scratch")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("demo", help="the main job: build shapes-world pairs, train (MaPO), evaluate, report")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--loss", default="mapo")
-    _add_experiment_args(p)
-    p.set_defaults(func=cmd_demo, validate=validate_demo)
+    add_command(toy_sub, "pretrain", PretrainOptions, cmd_pretrain, help="train the toy base model from scratch")
+    add_command(sub, "demo", DemoOptions, cmd_demo, help="the main job: build shapes-world pairs, train (MaPO), evaluate, report")
 
     p = toy_sub.add_parser("compare", help="every objective on every task setting over several seeds; a results table")
     p.add_argument("--out", type=Path, required=True)
@@ -133,32 +174,6 @@ def _settings(args: argparse.Namespace, loss: str):
         tie_margin=args.tie_margin, loss=loss, pairs_per_prompt=args.pairs_per_prompt, steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.lr, lora_rank=args.lora_rank, loss_hparams=_hparams(args.hparam), eval_per_prompt=args.eval_per_prompt, seed=args.seed, device=args.device,
     )
-
-
-def validate_demo(args: argparse.Namespace) -> None:
-    """The objective and its --hparam values (names and ranges), before pairs are built."""
-    from diffpo.config import ConfigError
-    from diffpo.losses import get_loss
-
-    try:
-        get_loss(args.loss).resolve_hparams(_hparams(args.hparam))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from diffpo.toy.demo import run_experiment
-
-    validate_demo(args)
-
-    report = run_experiment(_settings(args, args.loss), args.out, base=args.base)
-    lo, hi = report["win_rate_ci"]
-    print(
-        f"{report['method']} on {report['task']}: win rate {report['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]; "
-        f"faithfulness {report['faithfulness_base']:.3f} -> {report['faithfulness_tuned']:.3f}; {report['seconds']:.0f}s. "
-        f"Report: {args.out / 'report.md'}"
-    )
-    return 0
 
 
 def _seeds(text: str) -> list[int]:
