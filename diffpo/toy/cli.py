@@ -19,7 +19,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:
-    toy = sub.add_parser("toy", help="the offline shapes world: base model, preference tasks, comparisons")
+    toy = sub.add_parser("toy", help="the offline shapes world: its base model (the studies live in studies/)")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
 
     p = toy_sub.add_parser("pretrain", help="train the toy base model from scratch")
@@ -36,56 +36,6 @@ def register_cli(sub) -> None:
     p.add_argument("--loss", default="mapo")
     _add_experiment_args(p)
     p.set_defaults(func=cmd_demo, validate=validate_demo)
-
-    p = toy_sub.add_parser("compare", help="every objective on every task setting over several seeds; a results table")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--losses", default="sft,diffusion_dpo,mapo,dmpo")
-    p.add_argument("--settings", default="style:outline:0.5,style:outline:1.0,reward:size")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes, one per seed")
-    p.add_argument("--collect-only", action="store_true", help="only aggregate the runs already finished (exit 1 if any expected run has no report)")
-    p.add_argument("--allow-partial", action="store_true", help="exit 0 even when some expected runs failed or are missing (they are listed)")
-    _add_experiment_args(p)
-    p.set_defaults(func=cmd_compare, validate=validate_compare)
-
-    from diffpo.toy.personalize import PersonalizeSettings
-
-    d = PersonalizeSettings()
-    p = toy_sub.add_parser("personalize", help="DreamBooth vs MaPO teaching the base a new subject (a star named 'sks'); a report with 95%% CIs")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", default="0,1,2", help="one pair set and one run per method for each seed")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.learning_rate)
-    p.add_argument("--class-images", type=int, default=d.class_images, help="class-prior images per subject image")
-    p.add_argument("--prior-weight", type=float, default=d.prior_weight, help="DreamBooth's lambda")
-    p.add_argument("--mapo-beta", type=float, default=d.mapo_beta)
-    p.add_argument("--eval-per-prompt", type=int, default=d.eval_per_prompt)
-    p.add_argument("--drift-per-prompt", type=int, default=d.drift_per_prompt)
-    p.add_argument("--inference-steps", type=int, default=d.num_inference_steps, help="DDIM steps for class images and evaluation")
-    p.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first K prompts of each set (smoke runs)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--base", default=None, help="base model folder (default: the committed toy base)")
-    p.set_defaults(func=cmd_personalize)
-
-
-def cmd_personalize(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
-    from diffpo.toy.personalize import PersonalizeSettings, format_summary, run_personalization
-
-    seeds = _seeds(args.seeds)
-    settings = PersonalizeSettings(
-        class_images=args.class_images, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, prior_weight=args.prior_weight,
-        mapo_beta=args.mapo_beta, eval_per_prompt=args.eval_per_prompt, drift_per_prompt=args.drift_per_prompt,
-        num_inference_steps=args.inference_steps, max_prompts=args.max_prompts, device=args.device,
-    )
-    command = "diffpo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name in ("diffpo", "__main__.py") else ""
-    report = run_personalization(args.out, seeds, settings, base=args.base, command=command)
-    print(format_summary(report))
-    print(f"Report: {args.out / 'report.md'}")
-    return 0
 
 
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -158,56 +108,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"faithfulness {report['faithfulness_base']:.3f} -> {report['faithfulness_tuned']:.3f}; {report['seconds']:.0f}s. "
         f"Report: {args.out / 'report.md'}"
     )
-    return 0
-
-
-def _seeds(text: str) -> list[int]:
-    from diffpo.config import ConfigError
-
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r}: use comma-separated integers, e.g. 0,1,2") from None
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r}: a seed is repeated")
-    return seeds
-
-
-def validate_compare(args: argparse.Namespace) -> None:
-    """Settings, objectives, seeds and hparams, checked before any run starts (and by --dry-run)."""
-    from diffpo.config import ConfigError
-    from diffpo.losses import get_loss
-    from diffpo.toy.compare import parse_setting
-
-    base_settings = _settings(args, "mapo")
-    _seeds(args.seeds)
-    for text in args.settings.split(","):
-        try:
-            parse_setting(text, base_settings)
-        except ValueError as err:
-            raise ConfigError(f"--settings: {err}") from None
-    for loss in args.losses.split(","):
-        try:
-            get_loss(loss)
-        except ValueError as err:
-            raise ConfigError(f"--losses: {err}") from None
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    """Exit 1 when an expected (setting, objective, seed) run failed or, with --collect-only, has
-    no report, unless --allow-partial: a table over fewer runs than asked must not pass silently."""
-    import sys
-
-    from diffpo.toy.compare import compare, format_missing, format_table
-
-    validate_compare(args)
-    settings, losses, base_settings = args.settings.split(","), args.losses.split(","), _settings(args, "mapo")
-    summary = compare(
-        args.out, settings, losses, _seeds(args.seeds), base_settings, workers=args.workers, base=args.base, collect_only=args.collect_only,
-    )
-    print(format_table(summary))
-    if summary["missing"]:
-        print(f"diffpo toy compare: {format_missing(summary)}", file=sys.stderr, end="")
-        if not args.allow_partial:
-            return 1
     return 0
