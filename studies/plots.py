@@ -125,17 +125,27 @@ def margins(results: dict, path: Path) -> bool:
     if not betas:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, len(betas), figsize=(4.6 * len(betas), 3.6), squeeze=False)
-    for ax, beta in zip(axes[0], betas):
-        for color, objective in (("C1", "diffusion_dpo"), ("C3", "dmpo")):
-            for n, r in enumerate(r for r in runs if r["objective"] == objective and r["value"] == beta):
-                ax.plot(r["margins"]["step"], r["margins"]["margin"], color=color, alpha=0.6, lw=1, label=objective if n == 0 else None)
-        ax.axhline(math.log(999.0), color="gray", ls="--", lw=0.8, label="alpha = ln 999")
-        ax.set_title(f"beta = {beta:g}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("margin h (batch mean)")
-        ax.grid(alpha=0.3)
+    alpha = math.log(999.0)
+    colors = {"diffusion_dpo": "tab:blue", "dmpo": "tab:red"}
+    fig, axes = plt.subplots(2, len(betas), figsize=(4.6 * len(betas), 7), squeeze=False)
+    for top, bottom, beta in zip(axes[0], axes[1], betas):
+        for objective, color in colors.items():
+            chosen = [r for r in runs if r["objective"] == objective and r["value"] == beta]
+            for n, r in enumerate(chosen):
+                top.plot(r["margins"]["step"], r["margins"]["margin"], color=color, alpha=0.6, lw=1, label=objective if n == 0 else None)
+            late = [v for r in chosen for v in r["margins"]["margin"][len(r["margins"]["margin"]) // 2:] if v is not None]
+            if late:
+                bottom.hist(late, bins=20, color=color, alpha=0.5, label=objective)
+        for ax in (top, bottom):
+            ax.axvline(alpha, color="gray", ls="--", lw=0.8) if ax is bottom else ax.axhline(alpha, color="gray", ls="--", lw=0.8, label="alpha = ln 999")
+            ax.grid(alpha=0.3)
+        top.set_title(f"beta = {beta:g}: margin over training", fontsize=9)
+        top.set_xlabel("step")
+        top.set_ylabel("margin h (batch mean)")
+        bottom.set_title(f"beta = {beta:g}: margins logged in the second half", fontsize=9)
+        bottom.set_xlabel("margin h (dashed: alpha)")
     axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -306,6 +306,29 @@ def verdict_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def step_cost_lines(results: dict) -> list[str]:
+    """Diffusion-DPO / MaPO median step time per (setting, seed), next to SDXL's ratio."""
+    objectives = results["plan"]["objectives"]
+    if not {"mapo", BASELINE} <= set(objectives):
+        return ["Not measured here: the run has no mapo and diffusion_dpo pair."]
+    lines = ["| setting | Diffusion-DPO / MaPO step time, per seed: mean ± sd (n) |", "| --- | --- |"]
+    pooled = []
+    for setting in results["plan"]["settings"]:
+        dpo, mapo = per_seed(results, setting, BASELINE, "seconds_per_step"), per_seed(results, setting, "mapo", "seconds_per_step")
+        ratios = [dpo[s] / mapo[s] for s in sorted(set(dpo) & set(mapo)) if mapo[s] > 0]
+        pooled += ratios
+        if ratios:
+            lines.append(f"| {setting} | {_fmt_sd(mean_sd(ratios), 2)} ({len(ratios)}) |")
+    if pooled:
+        lines.append(f"| every (setting, seed) | {_fmt_sd(mean_sd(pooled), 2)} ({len(pooled)}) |")
+    sdxl = SDXL_DPO_MAPO_STEP_RATIO
+    workers = {i.get("workers") for i in results["meta"].get("invocations", [])}
+    lines += ["", f"SDXL for comparison: {sdxl['ratio']} ({sdxl['dpo_ms']} / {sdxl['mapo_ms']} ms; {sdxl['where']}). "
+              f"The toy times are median optimizer steps of runs that shared the device with other workers (workers per call: {', '.join(str(w) for w in sorted(workers, key=str))}"
+              "), so they include contention; the ratio pairs runs of the same (setting, seed), not runs measured side by side."]
+    return lines
+
+
 def margin_summary(results: dict) -> list[dict]:
     """DMPO vs Diffusion-DPO at equal beta (sweep runs share the beta values): logged margins."""
     alpha = math.log(999.0)
@@ -383,6 +406,10 @@ def write_report(results: dict, out: Path) -> Path:
         f"## Paired differences to {BASELINE} (same pairs and seeds): mean [95% t interval], seeds where the objective is better / worse / equal",
         "",
         *paired_table(results),
+        "",
+        "## Per-step cost",
+        "",
+        *step_cost_lines(results),
         "",
         "## Plots",
         "",
