@@ -197,12 +197,15 @@ def plan_from_args(args: argparse.Namespace) -> dict:
         "shared_learning_rate": protocol.SHARED_LEARNING_RATE,
     }
     for objective in plan["objectives"]:
-        try:
-            get_loss(objective)
+        knob = protocol.KNOBS.get(objective)
+        try:  # the registered loss; with a KNOBS row, its fixed and swept hparams (names and ranges)
+            spec = get_loss(knob.loss or objective if knob else objective)
+            for value in knob.values if knob else ():
+                spec.resolve_hparams({**knob.fixed, **({} if knob.is_learning_rate else {knob.name: value})})
         except ValueError as err:
             raise ProtocolError(f"--objectives: {err}") from None
-        knob = protocol.knob_for(objective)
-        plan["knobs"][objective] = {"name": knob.name, "values": list(knob.values)}
+        knob = protocol.knob_for(objective)  # no row: the error names the table to add it to
+        plan["knobs"][objective] = {"name": knob.name, "values": list(knob.values), "loss": knob.loss or objective, "fixed": dict(knob.fixed)}
     base = DemoSettings()
     for flag, texts in (("--sweep-settings", plan["sweep_settings"]), ("--settings", plan["settings"])):
         for text in texts:

@@ -7,24 +7,31 @@
 3. Final: every objective runs at its chosen value on the separate EVALUATION seeds (>= 5) in every
    final setting; methods share the pairs of a (setting, seed), so they pair up seed by seed.
 
-Adding an objective (issue 18's Diffusion-KTO, f-DPO members) = its name in ``--objectives`` plus
-one row in ``KNOBS``.
+Adding an objective (issue 18's Diffusion-KTO, f-DPO members) = its label in ``--objectives`` plus
+one row in ``KNOBS`` (a member of a registered family: a row with ``loss`` and ``fixed``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 from diffpo.toy.demo import DemoSettings
 
 
 @dataclass(frozen=True)
 class Knob:
-    """The hparam swept for an objective: a loss hparam (``beta``) or the ``learning_rate``."""
+    """The hparam swept for an objective: a loss hparam (``beta``) or the ``learning_rate``.
+
+    A row may also name the registered loss it runs (``loss``, default: the row's own name) and
+    hparams it fixes (``fixed``), so that members of one registered family run side by side under
+    their own labels, e.g. ``"fdpo_js": Knob("beta", (...), loss="fdpo", fixed={"divergence": ...})``.
+    """
 
     name: str
     values: tuple[float, ...]
+    loss: str | None = None
+    fixed: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def is_learning_rate(self) -> bool:
@@ -97,9 +104,10 @@ def run_settings(settings: DemoSettings, objective: str, value: float) -> DemoSe
     from dataclasses import replace
 
     knob = knob_for(objective)
+    loss = knob.loss or objective
     if knob.is_learning_rate:
-        return replace(settings, loss=objective, learning_rate=value, loss_hparams={})
-    return replace(settings, loss=objective, learning_rate=SHARED_LEARNING_RATE, loss_hparams={knob.name: value})
+        return replace(settings, loss=loss, learning_rate=value, loss_hparams=dict(knob.fixed))
+    return replace(settings, loss=loss, learning_rate=SHARED_LEARNING_RATE, loss_hparams={**knob.fixed, knob.name: value})
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,23 @@ MARGIN_POINTS = 50
 
 
 def _extras(report: dict) -> dict[str, dict[str, float]]:
-    """Every other score the run reports as a ``<name>_base`` / ``<name>_tuned`` pair (e.g. an
-    image-quality measure added to the shapes world later), so the comparison shows it unasked."""
+    """Every other score the run reports for base and tuned (e.g. an image-quality measure added
+    to the shapes world later), so the comparison shows it unasked. Three shapes are read:
+    ``<name>_base`` / ``<name>_tuned`` numbers, ``<name>: {"base": x, "tuned": y}``, and
+    ``scorers: {<name>: {"mean_base": x, "mean_tuned": y}}`` beyond the task reward and the
+    faithfulness scorers (``shapes_color``, ``shapes_shape``)."""
+    number = (int, float)
     out = {}
     for key, value in report.items():
         name = key[: -len("_base")] if key.endswith("_base") else None
-        if name and name not in KNOWN_SCORES and isinstance(value, (int, float)) and isinstance(report.get(f"{name}_tuned"), (int, float)):
+        if name and name not in KNOWN_SCORES and isinstance(value, number) and isinstance(report.get(f"{name}_tuned"), number):
             out[name] = {"base": float(value), "tuned": float(report[f"{name}_tuned"])}
+        elif key not in KNOWN_SCORES and isinstance(value, dict) and isinstance(value.get("base"), number) and isinstance(value.get("tuned"), number):
+            out[key] = {"base": float(value["base"]), "tuned": float(value["tuned"])}
+    skip = {report.get("task_reward"), "shapes_color", "shapes_shape"}
+    for name, summary in (report.get("scorers") or {}).items():
+        if name not in skip and name not in out and isinstance(summary, dict) and isinstance(summary.get("mean_base"), number) and isinstance(summary.get("mean_tuned"), number):
+            out[name] = {"base": float(summary["mean_base"]), "tuned": float(summary["mean_tuned"])}
     return out
 
 

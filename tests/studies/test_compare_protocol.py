@@ -208,3 +208,25 @@ def test_every_knob_value_makes_a_valid_training_config(objective, tmp_path):
         swept = cfg.train.learning_rate if knob.is_learning_rate else cfg.to_dict()["loss"][knob.name]
         assert swept == value and cfg.loss.name == objective
         assert cfg.train.learning_rate == (value if knob.is_learning_rate else protocol.SHARED_LEARNING_RATE)
+
+
+def test_extra_scores_are_found_in_each_report_shape():
+    """A scorer added later (17B's image quality, say) reaches the comparison without code here."""
+    from studies.report import _extras
+
+    report = {"reward_base": 0.2, "reward_tuned": 0.3, "faithfulness_base": 0.9, "faithfulness_tuned": 0.8, "diversity_base": 1.0, "diversity_tuned": 0.9,
+              "quality_base": 0.5, "quality_tuned": 0.4, "noise": {"base": 0.06, "tuned": 0.18}, "faithfulness": {"base": {"color": 1.0}, "tuned": {"color": 1.0}},
+              "task_reward": "shapes_style", "scorers": {"shapes_style": {"mean_base": 0.2, "mean_tuned": 0.3}, "shapes_color": {"mean_base": 1, "mean_tuned": 1},
+                                                         "shapes_quality": {"mean_base": 0.7, "mean_tuned": 0.6}}}
+    assert _extras(report) == {"quality": {"base": 0.5, "tuned": 0.4}, "noise": {"base": 0.06, "tuned": 0.18}, "shapes_quality": {"base": 0.7, "tuned": 0.6}}
+
+
+def test_a_family_member_runs_under_its_own_label(monkeypatch, tmp_path):
+    """A KNOBS row with ``loss`` and ``fixed`` (how f-DPO members join): the run trains the
+    registered loss with the fixed hparams plus the swept one, under the row's label."""
+    monkeypatch.setitem(protocol.KNOBS, "mapo_snr1", protocol.Knob("beta", (0.05, 0.2), loss="mapo", fixed={"snr_value": 1.0}))
+    settings = protocol.run_settings(__import__("diffpo.toy.demo", fromlist=["DemoSettings"]).DemoSettings(), "mapo_snr1", 0.2)
+    assert settings.loss == "mapo" and settings.loss_hparams == {"snr_value": 1.0, "beta": 0.2}
+    assert protocol.Run("final", "reward:size", 0, "mapo_snr1", 0.2).key == "reward_size/seed0/mapo_snr1/beta=0.2"
+    monkeypatch.setitem(protocol.KNOBS, "mapo_bad", protocol.Knob("beta", (0.1,), loss="mapo", fixed={"snr": 1.0}))
+    assert compare.main(_argv(tmp_path / "c", "--objectives", "sft,mapo_bad")) == 2
