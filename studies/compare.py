@@ -143,23 +143,24 @@ def sweep_reports(out: Path, runs: list[Run]) -> list[dict]:
     return rows
 
 
-def choose(out: Path, plan: dict) -> dict:
-    """``selection.json``: written once from the sweep runs (training seeds), then frozen, so the
-    evaluation-seed runs can never influence it."""
+def choose(out: Path, plan: dict) -> dict | None:
+    """``selection.json``: each objective's knob value, chosen from its sweep runs (training seeds)
+    the first time the final stage needs it and frozen from then on, so evaluation-seed runs can
+    never influence it. An objective added to a finished study gets its own entry; the others'
+    stay as they were. None while a needed sweep run is missing."""
     path = out / "selection.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    runs = protocol.sweep_runs(plan["objectives"], plan["sweep_settings"], plan["train_seeds"])
+    selection = json.loads(path.read_text()) if path.is_file() else {"rule": protocol.SELECTION_RULE, "train_seeds": plan["train_seeds"], "by_family": {}}
+    new = [o for o in plan["objectives"] if any(o not in selection["by_family"].get(protocol.family(s), {}) for s in plan["sweep_settings"])]
+    if not new:
+        return selection
+    runs = protocol.sweep_runs(new, plan["sweep_settings"], plan["train_seeds"])
     reports = sweep_reports(out, runs)
     if len(reports) < len(runs):
-        raise ProtocolError(f"the sweep has {len(reports)} of {len(runs)} runs finished: run the sweep stage again before the final stage")
-    selection = {"rule": protocol.SELECTION_RULE, "train_seeds": plan["train_seeds"], "by_family": {}}
+        return None
     for setting in plan["sweep_settings"]:
-        fam = protocol.family(setting)
-        selection["by_family"][fam] = {
-            objective: protocol.select_knob([r for r in reports if r["setting"] == setting and r["objective"] == objective], objective)
-            for objective in plan["objectives"]
-        }
+        entries = selection["by_family"].setdefault(protocol.family(setting), {})
+        for objective in new:
+            entries[objective] = protocol.select_knob([r for r in reports if r["setting"] == setting and r["objective"] == objective], objective)
     path.write_text(json.dumps(selection, indent=2))
     return selection
 
@@ -225,6 +226,15 @@ def plan_from_args(args: argparse.Namespace) -> dict:
     return plan
 
 
+def check_extends(old: dict, new: dict, path: Path) -> None:
+    """A study folder may only grow by objectives (issue 18's, say): every other part of its plan,
+    and the knobs of the objectives it has, must stay, or its runs would mix two protocols."""
+    same = {k: v for k, v in old.items() if k not in ("objectives", "knobs")} == {k: v for k, v in new.items() if k not in ("objectives", "knobs")}
+    kept = all(o in new["objectives"] and new["knobs"][o] == old["knobs"][o] for o in old["objectives"])
+    if not (same and kept):
+        raise ProtocolError(f"{path}: this folder holds a study with another plan (only adding objectives is allowed); use a new --out")
+
+
 def _settings(plan: dict, device: str):
     from diffpo.toy.demo import DemoSettings
 
@@ -249,8 +259,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
-    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
-        raise ProtocolError(f"{plan_path}: this folder holds a study with another plan; use a new --out (or delete the folder)")
+    if plan_path.is_file():
+        check_extends(json.loads(plan_path.read_text()), plan, plan_path)
     plan_path.write_text(json.dumps(plan, indent=2))
     started = time.time()
     deadline = started + (float("inf") if args.deadline_s is None else args.deadline_s)
@@ -260,8 +270,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         runs = protocol.sweep_runs(plan["objectives"], plan["sweep_settings"], plan["train_seeds"])
         print(f"sweep: {len(runs)} runs on training seeds {plan['train_seeds']}", flush=True)
         statuses += execute(out, runs, settings, eval_per_prompt=plan["sweep_eval_per_prompt"], workers=args.workers, base=args.base, deadline=deadline)
-    if args.stage in ("final", "all") and time.time() < deadline:
-        selection = choose(out, plan)
+    selection = choose(out, plan) if args.stage in ("final", "all") and time.time() < deadline else None
+    if args.stage in ("final", "all") and selection is None:
+        print("studies.compare: the sweep is not finished (or the deadline passed): no final run started", file=sys.stderr)
+    if selection is not None:
         for fam, entries in selection["by_family"].items():
             print(f"chosen on the training seeds ({fam}): " + ", ".join(f"{o} {e['knob']}={e['value']:g}" for o, e in entries.items()), flush=True)
         runs = protocol.final_runs(plan["objectives"], plan["settings"], plan["eval_seeds"], chosen_values(selection))
@@ -274,7 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     write_report(results, out)
     left = [s for s in statuses if s["status"] in ("failed", "deadline")]
     print(f"{sum(s['status'] == 'ran' for s in statuses)} runs ran, {sum(s['status'] == 'done' for s in statuses)} were done; report: {out / 'report.md'}")
-    if left or (args.stage in ("final", "all") and not (out / "selection.json").is_file()):
+    if left or (args.stage in ("final", "all") and selection is None):
         print(f"studies.compare: {len(left)} runs not finished ({sum(s['status'] == 'deadline' for s in left)} left at the deadline, "
               f"{sum(s['status'] == 'failed' for s in left)} failed): run the same command again to continue", file=sys.stderr)
         return 1

@@ -93,10 +93,13 @@ def collect(out: Path) -> dict:
     selection_path = out / "selection.json"
     selection = json.loads(selection_path.read_text()) if selection_path.is_file() else None
     expected = protocol.sweep_runs(plan["objectives"], plan["sweep_settings"], plan["train_seeds"])
-    if selection is not None:
-        chosen = {fam: {o: e["value"] for o, e in entries.items()} for fam, entries in selection["by_family"].items()}
-        expected += protocol.final_runs(plan["objectives"], plan["settings"], plan["eval_seeds"], chosen)
     runs, missing = [], []
+    by_family = (selection or {}).get("by_family", {})
+    chosen_for = [o for o in plan["objectives"] if all(o in by_family.get(protocol.family(s), {}) for s in plan["settings"])]
+    chosen = {fam: {o: e["value"] for o, e in entries.items()} for fam, entries in by_family.items()}
+    expected += protocol.final_runs(chosen_for, plan["settings"], plan["eval_seeds"], chosen)
+    missing += [{"stage": "final", "setting": s, "seed": seed, "objective": o, "value": float("nan")}  # no knob chosen yet
+                for o in plan["objectives"] if o not in chosen_for for s in plan["settings"] for seed in plan["eval_seeds"]]
     for run in expected:
         run_dir = out / "runs" / run.key
         if (run_dir / "report.json").is_file():

@@ -230,3 +230,22 @@ def test_a_family_member_runs_under_its_own_label(monkeypatch, tmp_path):
     assert protocol.Run("final", "reward:size", 0, "mapo_snr1", 0.2).key == "reward_size/seed0/mapo_snr1/beta=0.2"
     monkeypatch.setitem(protocol.KNOBS, "mapo_bad", protocol.Knob("beta", (0.1,), loss="mapo", fixed={"snr": 1.0}))
     assert compare.main(_argv(tmp_path / "c", "--objectives", "sft,mapo_bad")) == 2
+
+
+def test_an_objective_added_later_keeps_the_others_frozen(fake_experiment, capsys):
+    """Issue 18's objectives join a finished study by one more name in --objectives: only their
+    runs run, their knob is chosen from their own sweep, the earlier choices stay as written."""
+    out, calls = fake_experiment
+    assert compare.main(_argv(out)) == 0
+    before = json.loads((out / "selection.json").read_text())["by_family"]["style:outline"]
+    calls.clear()
+    argv = _argv(out)
+    argv[argv.index("sft,mapo")] = "sft,mapo,dmpo"
+    assert compare.main(argv) == 0
+    assert {c["loss"] for c in calls} == {"dmpo"} and len(calls) == 3 * 2 + 2 * 2
+    after = json.loads((out / "selection.json").read_text())["by_family"]["style:outline"]
+    assert {k: after[k] for k in before} == before and "dmpo" in after
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 30
+    # any other change of plan is refused, naming the file
+    assert compare.main(_argv(out, "--steps", "10")) == 2
+    assert "holds a study with another plan" in capsys.readouterr().err
