@@ -12,7 +12,8 @@ weights and evaluation images are deleted after the report is written). A finish
 ``--stage final``, or the same command again after ``--deadline-s`` stopped it (runs not started
 by then are left for the next call; the ones in flight finish). ``report`` gathers the finished
 runs into ``OUT/results.json`` and writes ``OUT/report.md`` and its plots (``studies/report.py``);
-``--report-only`` does only that (add ``--from-results`` to re-render from ``results.json`` alone).
+``--report-only`` does only that (add ``--from-results`` to re-render from ``results.json`` alone,
+``--export DIR`` to copy what a committed results folder keeps: no per-step logs, weights or images).
 
 Exit status: 0 when every planned run has a report; 1 when some are missing or failed (listed);
 2 for an argument that cannot run (one line naming it).
@@ -308,7 +309,26 @@ def cmd_report(args: argparse.Namespace) -> int:
         results = collect(out)
     write_report(results, out)
     print(f"report: {out / 'report.md'} ({len(results['runs'])} runs, {len(results['missing'])} missing)")
+    if args.export:
+        print(f"exported {export(out, Path(args.export))} files to {args.export}")
     return 0
+
+
+EXPORTED = ("results.json", "report.md", "verdicts.json", "plan.json", "selection.json", "invocations.jsonl", "*.png", "runs/**/report.json")
+"""What a committed results folder keeps: the write-up, its data and plots, every run's report;
+not the per-step logs (their margins are in results.json), checkpoints, pairs or images."""
+
+
+def export(out: Path, dest: Path) -> int:
+    """Copy ``EXPORTED`` from the study folder ``out`` to ``dest`` (relative paths kept)."""
+    count = 0
+    for pattern in EXPORTED:
+        for path in sorted(out.glob(pattern)):
+            target = dest / path.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            count += 1
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--report-only", action="store_true", help="no runs: results.json, report.md and plots from the finished runs in --out")
     p.add_argument("--from-results", action="store_true", help="with --report-only: re-render from OUT/results.json alone (no run folders needed)")
+    p.add_argument("--export", default=None, metavar="DIR", help="with --report-only: copy what a committed results folder keeps (report, results.json, plots, each run's report.json) to DIR")
     p.add_argument("--objectives", default=DEFAULT_OBJECTIVES, help="comma-separated objectives; each needs a row in studies/protocol.py KNOBS")
     p.add_argument("--sweep-settings", default=DEFAULT_SWEEP_SETTINGS, help="where the knob sweep runs: one setting per task family")
     p.add_argument("--settings", default=DEFAULT_SETTINGS, help="final settings (the reference-mismatch curve and the reward task)")

@@ -123,6 +123,8 @@ def fake_experiment(monkeypatch, tmp_path):
                   "faithfulness_base": 0.9, "faithfulness_tuned": 0.88, "diversity_base": 1.0, "diversity_tuned": 0.8, "seconds_per_step": 0.05,
                   "quality_base": 0.5, "quality_tuned": 0.45, "n_eval_images": 11 * settings.eval_per_prompt}
         (run_dir / "report.json").write_text(json.dumps(report))
+        (run_dir / "train").mkdir()
+        (run_dir / "train" / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "margin": 0.5 * k, "implicit_accuracy": 0.5}) + "\n" for k in range(1, 121)))
 
     monkeypatch.setattr("diffpo.toy.demo.build_pairs", fake_pairs)
     monkeypatch.setattr("diffpo.toy.demo.run_experiment", fake_run)
@@ -153,6 +155,8 @@ def test_chooses_on_training_seeds_and_evaluates_on_separate_ones(fake_experimen
     assert len({c["pairs"] for c in final}) == 4  # one pair set per (setting, seed), shared by sft and mapo
     results = json.loads((out / "results.json").read_text())
     assert results["missing"] == [] and len(results["runs"]) == 20
+    margins = results["runs"][0]["margins"]  # the per-step log, thinned to 50 evenly spaced steps
+    assert len(margins["step"]) == 50 and margins["step"][0] == 1 and margins["step"][-1] == 120 and margins["margin"][-1] == 60.0
     assert results["meta"]["commands"] and "--train-seeds 1000,1100" in results["meta"]["commands"][0]
     assert {"python", "torch", "diffusers", "platform", "device"} <= set(results["meta"]["machine"]) and "commit" in results["meta"]
     report = (out / "report.md").read_text()
@@ -164,6 +168,12 @@ def test_chooses_on_training_seeds_and_evaluates_on_separate_ones(fake_experimen
     assert compare.main(_argv(out)) == 0 and calls == []
     (out / "report.md").unlink()
     assert compare.main(["--out", str(out), "--report-only", "--from-results"]) == 0 and "Verdicts" in (out / "report.md").read_text()
+    # the export keeps the write-up and each run's report, not the per-step logs or images
+    dest = out.parent / "committed"
+    assert compare.main(["--out", str(out), "--report-only", "--export", str(dest)]) == 0
+    kept = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    assert {"results.json", "report.md", "verdicts.json", "selection.json", "tradeoff.png"} <= kept
+    assert sum(k.endswith("/report.json") for k in kept) == 20 and not any(k.endswith(("metrics.jsonl", "pairs.jsonl")) for k in kept)
 
 
 def test_deadline_leaves_runs_for_the_next_call(fake_experiment, capsys):
