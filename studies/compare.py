@@ -60,7 +60,7 @@ def _pairs_file(folder: Path) -> Path | None:
     """The finished pair set in ``folder`` (``DONE`` is written after it is complete), or None."""
     if not (folder / "DONE").is_file():
         return None
-    return Path((folder / "DONE").read_text().strip())
+    return folder / (folder / "DONE").read_text().strip()  # the file's name: the folder may have moved
 
 
 def _build_pairs(job: tuple) -> str:
@@ -76,7 +76,7 @@ def _build_pairs(job: tuple) -> str:
         except Exception as err:  # its runs report "no pair set"; the other cells go on
             print(f"[pairs {setting} seed {seed}] FAILED: {type(err).__name__}: {err}", flush=True)
             return f"pairs {setting} seed {seed}: failed"
-        (folder / "DONE").write_text(str(path))
+        (folder / "DONE").write_text(Path(path).name)
     return f"pairs {setting} seed {seed}"
 
 
