@@ -311,6 +311,8 @@ def verdict_lines(rows: list[dict]) -> list[str]:
         if "difference" in row:
             d = row["difference"]
             evidence = f"{row['metric']}: {_fmt_diff(d, 4 if row['metric'] == 'seconds_per_step' else 3)} ({_signs(d)}, n = {d['n']})"
+            if row["verdict"] == "not supported":
+                evidence += "; the interval lies on the other side of 0" if d["ci"][1] < 0 else "; the interval includes 0"
             if d.get("ratio"):
                 evidence += f"; ratio {_fmt_sd(d['ratio'], 2)} (toy) vs {SDXL_DPO_MAPO_STEP_RATIO['ratio']} on SDXL ({SDXL_DPO_MAPO_STEP_RATIO['where']})"
         else:

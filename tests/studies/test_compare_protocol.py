@@ -12,7 +12,7 @@ import pytest
 
 from studies import compare, protocol
 from studies.paired import mean_sd, paired_difference, t_interval
-from studies.report import claim_rows, verdict
+from studies.report import claim_rows, verdict, verdict_lines
 
 # ------------------------------------------------------------------------------------ statistics
 
@@ -78,6 +78,8 @@ def test_claim_verdicts_on_hand_made_results():
     # per-seed means over settings: +0.083, +0.010, +0.130, -0.007, +0.077; t interval [-0.011, +0.128]
     assert got[("beats Diffusion-DPO overall", "mean over settings, per seed")] == "not supported"
     assert got[("better than Diffusion-DPO", "style:outline:0.5")] == "not supported"  # DMPO lower on every seed
+    lines = "\n".join(verdict_lines(rows))
+    assert "| DMPO | better than Diffusion-DPO (win rate vs base) | style:outline:0.5 | **not supported** | win_rate: -0.100 [-0.100, -0.100] (0 / 5 / 0, n = 5); the interval lies on the other side of 0 |" in lines
     ratio = next(r for r in rows if r["where"] == "every (setting, seed)")["difference"]
     assert ratio["n"] == 15 and ratio["ratio"]["mean"] == pytest.approx(np.mean([(0.07 + 0.001 * s) / (0.06 + 0.001 * s) for s in range(5)]))
     # an objective the run did not include: its claims are not tested
