@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffpo.image_cache import ImageCache, weights_digest
 from diffpo.models import Components
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -144,11 +145,32 @@ def generate(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "sampling",
+    cache: ImageCache | None = None,
     **overrides,
 ) -> list[Image.Image]:
     """One image per (prompt, seed); ``network`` (default ``components.network``) is the denoiser,
-    e.g. a LoRA-adapted copy. ``overrides`` are ``SamplerSettings`` fields and win over ``settings``."""
+    e.g. a LoRA-adapted copy. ``overrides`` are ``SamplerSettings`` fields and win over ``settings``.
+    With ``cache`` (``diffpo.image_cache``), images made before by the same weights and settings
+    are read back, and only the others are sampled (and stored)."""
+    if cache is not None:
+        return _generate_cached(cache, components, prompts, seeds, network=network, settings=settings, batch_size=batch_size, device=device, progress=progress, desc=desc, **overrides)
     return [image for batch in iter_generate(components, prompts, seeds, network=network, settings=settings, batch_size=batch_size, device=device, progress=progress, desc=desc, **overrides) for image in batch]
+
+
+CACHE_NEUTRAL = ("cpu_offload", "vae_tiling", "vae_slicing")
+"""Settings that only move or split work: left out of an image's cache key."""
+
+
+def _generate_cached(cache: ImageCache, components: Components, prompts: Sequence[str], seeds: Sequence[int], *, network, settings, **kwargs) -> list[Image.Image]:
+    resolved = resolve_settings(components, settings, **{k: kwargs.pop(k) for k in list(kwargs) if k in SamplerSettings.__dataclass_fields__})
+    key = {k: v for k, v in resolved.as_dict().items() if k not in CACHE_NEUTRAL}
+    paths = cache.paths(weights_digest(components, network), key, prompts, seeds)
+    todo = [k for k, path in enumerate(paths) if not path.is_file()]
+    made = generate(components, [prompts[k] for k in todo], [seeds[k] for k in todo], network=network, settings=resolved, **kwargs) if todo else []
+    for k, image in zip(todo, made, strict=True):
+        cache.store(image, paths[k])
+    fresh = dict(zip(todo, made))
+    return [fresh[k] if k in fresh else cache.load(path) for k, path in enumerate(paths)]
 
 
 def iter_generate(

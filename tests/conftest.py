@@ -55,3 +55,18 @@ def pair_dir(tmp_path_factory):
 def model_cache(tmp_path_factory):
     """Where ``tiny:<name>`` models are built once per test session."""
     return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_cache_dir(tmp_path_factory):
+    """The image cache (``diffpo.image_cache``) of the whole session, away from ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("image-cache")
+    previous = os.environ.get("DIFFPO_CACHE_DIR")
+    os.environ["DIFFPO_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DIFFPO_CACHE_DIR", None)
+    else:
+        os.environ["DIFFPO_CACHE_DIR"] = previous

@@ -95,9 +95,12 @@ def _save_atomic(image: Image.Image, path: Path) -> None:
 def build_pairs_from_images(
     components, chosen: Sequence[Path], prompts: Sequence[str], out_dir: str | Path, *, seed: int = 0,
     rejected_prompts: Sequence[str] | None = None, per_image: int = 1, sampler: dict | None = None, batch_size: int = 64,
-    device: str = "cpu", progress: bool = True,
+    device: str = "cpu", progress: bool = True, cache=None,
 ) -> Path:
     """Generate the missing rejected images and write ``out_dir/pairs.jsonl``.
+
+    ``cache`` (a ``diffpo.image_cache.ImageCache``) reuses rejected images the same model made
+    before with the same prompt, seed and sampler settings.
 
     ``rejected_prompts`` (default: ``prompts``) lets the rejected image come from another prompt,
     e.g. the class prompt "a dog" while the pair's prompt is "a sks dog" (personalization); such
@@ -124,7 +127,7 @@ def build_pairs_from_images(
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="generate rejected", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):  # each batch saved before the next: a kill loses one at most
             batch = todo[start : start + batch_size]
-            images = sampling.generate(components, [rejected_prompts[items[k][0]] for k in batch], [seed + k for k in batch], settings=sampler, device=device, progress=False, batch_size=batch_size)
+            images = sampling.generate(components, [rejected_prompts[items[k][0]] for k in batch], [seed + k for k in batch], settings=sampler, device=device, progress=False, batch_size=batch_size, cache=cache)
             for k, image in zip(batch, images, strict=True):
                 _save_atomic(image, items[k][1])
             bar.update(len(batch))

@@ -34,7 +34,8 @@ from diffpo.evaluate.grid import save_comparison_grid
 from diffpo.evaluate.scorers import Scorer
 from diffpo.evaluate.stats import summarize
 from diffpo.models import Components, Family, load_components
-from diffpo.sampling import SamplerSettings, SamplingError, iter_generate, resolve_settings
+from diffpo.image_cache import ImageCache
+from diffpo.sampling import SamplerSettings, SamplingError, generate, iter_generate, resolve_settings
 
 logger = logging.getLogger(__name__)
 
@@ -251,11 +252,14 @@ def evaluate_models(
     out_dir: Path | None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    base_cache: ImageCache | None = None,
 ) -> dict[str, Any]:
     """Sample both models on every (prompt, seed), score every image, and summarise per scorer.
 
     ``sampler`` overrides ``SAMPLER_DEFAULTS``. With ``out_dir`` images are written to (or reused
-    from) ``out_dir/images``; without it they stay in memory. The result holds, per scorer,
+    from) ``out_dir/images``; without it they stay in memory. ``base_cache`` (``diffpo.image_cache``)
+    reads the base model's images from an earlier run with the same weights, prompts, seeds and
+    settings (they do not depend on the fine-tuning) and stores the ones it makes. The result holds, per scorer,
     ``summarize(tuned, base, groups=prompt index)`` and the scorer's ``describe()``, plus the
     per-image scores under ``per_image`` (which ``write_report`` writes to ``scores.jsonl``).
     """
@@ -266,7 +270,7 @@ def evaluate_models(
     plan = _Plan(list(prompts), images_per_prompt, seed)
     settings = _sampler_settings(base, sampler)
     images_dir = Path(out_dir) / "images" if out_dir is not None else None
-    images, reused = _images({"base": base, "tuned": tuned}, plan, settings, images_dir, device, progress)
+    images, reused = _images({"base": base, "tuned": tuned}, plan, settings, images_dir, device, progress, {"base": base_cache})
 
     flat_prompts, groups = plan.flat_prompts, plan.groups
     scores = {name: {label: _score(scorer, images[label], flat_prompts, name) for label in images} for name, scorer in scorers.items()}
@@ -322,6 +326,7 @@ def _images(
     images_dir: Path | None,
     device: str | torch.device,
     progress: bool,
+    caches: Mapping[str, ImageCache | None] | None = None,
 ) -> tuple[dict[str, list[ImageRef]], bool]:
     """Each model's images, generated or reused from ``images_dir``; and whether they were reused."""
     key = _generation_key(models, plan, settings)
@@ -334,7 +339,7 @@ def _images(
     images = {}
     for label, components in models.items():
         paths = [images_dir / label / name for name in plan.names] if images_dir is not None else None
-        images[label] = _generate(components, plan, settings, device, paths, f"generate {label}", progress)
+        images[label] = _generate(components, plan, settings, device, paths, f"generate {label}", progress, (caches or {}).get(label))
     if images_dir is not None:
         _write_index(images_dir, plan, list(models))
         _write_json(images_dir / "generation.json", key)
@@ -368,10 +373,18 @@ def _generate(
     paths: list[Path] | None,
     desc: str,
     progress: bool,
+    cache: ImageCache | None = None,
 ) -> list[ImageRef]:
     """Sample in batches; with ``paths`` each batch is saved and dropped, bounding memory."""
     sample = {k: v for k, v in settings.items() if k != "batch_size"}
-    batches = iter_generate(components, plan.flat_prompts, plan.seeds, settings=sample, batch_size=settings["batch_size"], device=device, progress=False)
+    if cache is not None:  # one batch of batches: the cache samples only what it lacks
+        step = settings["batch_size"]
+        batches = (
+            generate(components, plan.flat_prompts[i : i + step], plan.seeds[i : i + step], settings=sample, batch_size=step, device=device, progress=False, cache=cache)
+            for i in range(0, len(plan.seeds), step)
+        )
+    else:
+        batches = iter_generate(components, plan.flat_prompts, plan.seeds, settings=sample, batch_size=settings["batch_size"], device=device, progress=False)
     out: list[ImageRef] = []
     with tqdm(total=len(plan.seeds), desc=desc, unit="img", disable=not progress) as bar:
         for images in batches:

@@ -23,7 +23,10 @@ circles); colour stays >= 0.98.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -253,9 +256,41 @@ def _border_mask(shape: tuple[int, ...]) -> np.ndarray:
     return ring
 
 
+_MEMO_SIZE = 1024
+"""Images whose segmentation and detection are remembered: an evaluation scores each image with
+several scorers (style, colour, shape, quality), which would otherwise segment it each time."""
+
+_SEGMENTS: OrderedDict[bytes, Segmentation] = OrderedDict()
+_DETECTIONS: OrderedDict[tuple, Detection] = OrderedDict()
+
+
+def _remember(memo: OrderedDict, key, value):
+    memo[key] = value
+    if len(memo) > _MEMO_SIZE:
+        memo.popitem(last=False)
+    return value
+
+
+def _key(pixels: np.ndarray) -> bytes:
+    return hashlib.blake2b(pixels.tobytes(), digest_size=16, person=str(pixels.shape).encode()[:16]).digest()
+
+
 def segment(image: ImageLike) -> Segmentation:
-    """Estimate the background and the shape's foreground masks (see module docstring)."""
+    """Estimate the background and the shape's foreground masks (see module docstring).
+
+    Remembered per image content (its arrays are read-only): the same image segments once."""
     pixels = to_array(image)
+    key = _key(pixels)
+    if key in _SEGMENTS:
+        _SEGMENTS.move_to_end(key)
+        return _SEGMENTS[key]
+    seg = _segment(pixels)
+    for array in (seg.pixels, seg.distance, seg.foreground, seg.filled):
+        array.setflags(write=False)
+    return _remember(_SEGMENTS, key, seg)
+
+
+def _segment(pixels: np.ndarray) -> Segmentation:
     background_rgb = np.median(_border(pixels), axis=0)
     background, _ = _nearest(background_rgb, BACKGROUNDS)
     distance = np.linalg.norm(_smooth(pixels) - background_rgb, axis=2)
@@ -352,9 +387,17 @@ def detect(image: ImageLike, shapes: Sequence[str] = SHAPES + EXTRA_SHAPES) -> D
     """Background, colour, shape, area and placement of the main shape in ``image``.
 
     Centre and extent come from the best-fitting template's bounding box, which
-    noise specks on the silhouette's edge cannot stretch.
+    noise specks on the silhouette's edge cannot stretch. Remembered like ``segment``.
     """
     seg = segment(image)
+    key = (_key(seg.pixels), tuple(shapes))
+    if key in _DETECTIONS:
+        _DETECTIONS.move_to_end(key)
+        return copy.copy(_DETECTIONS[key])
+    return copy.copy(_remember(_DETECTIONS, key, _detect(seg, shapes)))
+
+
+def _detect(seg: Segmentation, shapes: Sequence[str]) -> Detection:
     if not seg.filled.any():
         return Detection(
             color=None,

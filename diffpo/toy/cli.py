@@ -62,13 +62,21 @@ def cmd_demo(o: DemoOptions) -> int:
     from diffpo.toy.demo import run_experiment
 
     report = run_experiment(o.settings, o.out, base=o.base)
+    print(summary_line(report, o.out))
+    return 0 if report["passed"] else 1
+
+
+def summary_line(report: dict, out: Path) -> str:
+    """The demo's one-line result: win rate, faithfulness, quality, PASS or FAIL (what failed)."""
+    from diffpo.toy.demo import verdict
+
     lo, hi = report["win_rate_ci"]
-    print(
+    return (
         f"{report['method']} on {report['task']}: win rate {report['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]; "
-        f"faithfulness {report['faithfulness_base']:.3f} -> {report['faithfulness_tuned']:.3f}; {report['seconds']:.0f}s. "
-        f"Report: {o.out / 'report.md'}"
+        f"faithfulness {report['faithfulness_base']:.3f} -> {report['faithfulness_tuned']:.3f}; "
+        f"quality {report['quality_base']:.3f} -> {report['quality_tuned']:.3f}; {verdict(report)}; {report['seconds']:.0f}s. "
+        f"Report: {out / 'report.md'}"
     )
-    return 0
 
 
 def register_cli(sub) -> None:

@@ -46,7 +46,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_pixels(
     components,
     network: torch.nn.Module,

@@ -7,6 +7,8 @@ scores the shapes world with the same code path as real models:
   base's solid fill, ~1 for outlines, ~0.9 for stripes. The task reward of the style task.
 * ``shapes_color`` / ``shapes_shape``: 1 if the checker finds the prompt's colour / shape, else 0;
   their means are the faithfulness accuracies.
+* ``shapes_quality``: 1 - grain, the high-frequency energy of the background, which is flat in every
+  render (``diffpo.toy.quality``): 1.0 for a clean render, lower the grainier.
 * ``shapes_<reward>`` for each programmatic judge in ``diffpo.toy.rewards`` (size, saturation, ...).
 """
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from diffpo.toy.checker import _dilate, detect, segment
 from diffpo.toy.grammar import ShapePrompt
+from diffpo.toy.quality import quality
 from diffpo.toy.rewards import REWARDS
 
 
@@ -71,6 +74,7 @@ SHAPES_SCORERS: dict[str, tuple[Callable, str]] = {
     "shapes_style": (lambda images, prompts: [thinness(im) for im in images], "thinness: fraction of foreground pixels on an edge (solid ~0.26, outline ~1)"),
     "shapes_color": (_per_image(_color_correct), "1 if the checker finds the prompt's colour"),
     "shapes_shape": (_per_image(_shape_correct), "1 if the checker finds the prompt's shape"),
+    "shapes_quality": (lambda images, prompts: [quality(im) for im in images], "1 - grain: mean |Laplacian| of the flat background (clean render 1.0)"),
     **{f"shapes_{name}": (fn, f"programmatic reward '{name}' (diffpo.toy.rewards)") for name, fn in REWARDS.items()},
 }
 

@@ -6,6 +6,8 @@
 * ``reward`` (Pick-a-Pic): two base-model samples per prompt, labelled by a programmatic judge
   (``diffpo.toy.rewards``) with optional label noise and ties. Written as a Pick-a-Pic-schema parquet
   table (caption, jpg_0, jpg_1, label_0), so the tie policy and column handling are exercised.
+
+Both take an optional ``cache`` (``diffpo.image_cache.ImageCache``) for the base samples.
 """
 
 from __future__ import annotations
@@ -43,15 +45,15 @@ def prompt_split(seed: int = 0) -> tuple[list[ShapePrompt], list[ShapePrompt]]:
     return split_prompts(all_prompts(shapes=SHAPES), heldout_fraction=0.2, seed=seed)
 
 
-def base_samples(components, prompts: Sequence[ShapePrompt], seeds: Sequence[int], sampler: Sampler, device: str, progress: bool, desc: str):
+def base_samples(components, prompts: Sequence[ShapePrompt], seeds: Sequence[int], sampler: Sampler, device: str, progress: bool, desc: str, cache=None):
     from diffpo.sampling import generate
 
-    return generate(components, [p.text for p in prompts], list(seeds), device=device, progress=progress, desc=desc, **sampler.as_dict())
+    return generate(components, [p.text for p in prompts], list(seeds), device=device, progress=progress, desc=desc, cache=cache, **sampler.as_dict())
 
 
 def build_style_pairs(
     components, out_dir: Path, prompts: Sequence[ShapePrompt], *, per_prompt: int, style: str = "outline", severity: float = 1.0,
-    seed: int = 0, sampler: Sampler = Sampler(), device: str = "cpu", progress: bool = True,
+    seed: int = 0, sampler: Sampler = Sampler(), device: str = "cpu", progress: bool = True, cache=None,
 ) -> Path:
     """Chosen = style renders, rejected = base samples; returns the manifest path.
 
@@ -80,13 +82,13 @@ def build_style_pairs(
     settings = sampler.as_dict()
     return build_pairs_from_images(
         components, chosen, read_prompts("captions", chosen), out_dir, seed=first_seed, batch_size=settings.pop("batch_size"),
-        sampler=settings, device=device, progress=progress,
+        sampler=settings, device=device, progress=progress, cache=cache,
     )
 
 
 def build_reward_pairs(
     components, out_dir: Path, prompts: Sequence[ShapePrompt], *, per_prompt: int, reward: str = "size", label_noise: float = 0.0,
-    tie_margin: float = 0.0, seed: int = 0, sampler: Sampler = Sampler(), device: str = "cpu", progress: bool = True,
+    tie_margin: float = 0.0, seed: int = 0, sampler: Sampler = Sampler(), device: str = "cpu", progress: bool = True, cache=None,
 ) -> Path:
     """Two base samples per (prompt, j), judged by ``reward``; returns the parquet path.
 
@@ -102,7 +104,7 @@ def build_reward_pairs(
     items = [(p, seed * 100_000 + 2 * (i * per_prompt + j)) for i, p in enumerate(prompts) for j in range(per_prompt)]
     flat_prompts = [p for p, _ in items for _ in range(2)]
     flat_seeds = [s + d for _, s in items for d in (0, 1)]
-    images = base_samples(components, flat_prompts, flat_seeds, sampler, device, progress, "base samples (pairs)")
+    images = base_samples(components, flat_prompts, flat_seeds, sampler, device, progress, "base samples (pairs)", cache)
     scores = REWARDS[reward](images, flat_prompts)
     rng = random.Random(seed)
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "reward_0": [], "reward_1": []}

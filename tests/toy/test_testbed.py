@@ -97,14 +97,18 @@ def test_reward_pairs_in_pickapic_format_with_ties_and_noise(base, tmp_path):
     assert label_agreement(noisy) < 1.0 or noisy_report.ties_dropped > 0
 
 
-def test_demo_smoke_writes_the_report(tmp_path):
+def test_demo_smoke_writes_the_report(tmp_path, image_cache_dir):
     """The main job end to end at a toy size (the full-size run is the README command)."""
     from diffpo.toy.demo import DemoSettings, run_experiment
 
     settings = DemoSettings(steps=3, pairs_per_prompt=1, eval_per_prompt=2, batch_size=4, num_inference_steps=3)
     report = run_experiment(settings, tmp_path, progress=False)
-    for key in ("method", "task", "win_rate", "win_rate_ci", "faithfulness_base", "faithfulness_tuned", "seconds"):
+    for key in ("method", "task", "win_rate", "win_rate_ci", "faithfulness_base", "faithfulness_tuned", "quality_base", "quality_tuned", "seconds", "checks", "passed"):
         assert key in report
+    assert 0 <= report["quality_tuned"] <= 1 and 0 <= report["quality_base"] <= 1
+    assert "| quality (1 - background grain" in (tmp_path / "report.md").read_text()
+    # the base model's samples went to the image cache (the session's, tests/conftest.py)
+    assert len(list(image_cache_dir.rglob("*.png"))) >= 2 * len(prompt_split()[1])
     assert report["method"] == "mapo" and 0 <= report["win_rate"] <= 1
     low, high = report["win_rate_ci"]
     assert low <= report["win_rate"] <= high
@@ -128,3 +132,18 @@ def test_demo_smoke_writes_the_report(tmp_path):
     assert cli["shapes_style"]["win_rate"] == pytest.approx(report["win_rate"])
     assert cli["shapes_style"]["win_rate_ci"] == pytest.approx(report["win_rate_ci"])
     assert (cli["shapes_color"]["mean_tuned"] + cli["shapes_shape"]["mean_tuned"]) / 2 == pytest.approx(report["faithfulness_tuned"])
+
+
+def test_demo_pass_criteria():
+    """Win rate up (CI low end > 0.5), faithfulness and quality kept within their tolerances."""
+    from diffpo.toy.demo import FAITHFULNESS_TOLERANCE, QUALITY_TOLERANCE, pass_checks, verdict
+
+    good = {"win_rate_ci": [0.86, 0.95], "faithfulness_base": 0.92, "faithfulness_tuned": 0.92 - FAITHFULNESS_TOLERANCE, "quality_base": 0.97, "quality_tuned": 0.97 - QUALITY_TOLERANCE}
+    assert pass_checks(good) == {"win_rate_up": True, "faithfulness_kept": True, "quality_kept": True}
+    assert verdict({**good, "checks": pass_checks(good)}) == "PASS"
+    grainy = {**good, "quality_tuned": 0.86}  # issue 17's demo: 0.970 -> 0.858
+    assert pass_checks(grainy)["quality_kept"] is False
+    assert verdict({**grainy, "checks": pass_checks(grainy)}) == "FAIL (quality not kept)"
+    assert pass_checks({**good, "win_rate_ci": [0.5, 0.7]})["win_rate_up"] is False
+    assert pass_checks({**good, "faithfulness_tuned": 0.86})["faithfulness_kept"] is False
+
