@@ -140,7 +140,11 @@ def sweep_reports(out: Path, runs: list[Run]) -> list[dict]:
         path = out / "runs" / run.key / "report.json"
         if path.is_file():
             r = json.loads(path.read_text())
-            rows.append({**asdict(run), "reward_gain": r["reward_tuned"] - r["reward_base"], "faithfulness_delta": r["faithfulness_tuned"] - r["faithfulness_base"]})
+            rows.append({
+                **asdict(run), "reward_gain": r["reward_tuned"] - r["reward_base"], "faithfulness_delta": r["faithfulness_tuned"] - r["faithfulness_base"],
+                # the shapes-world image quality (background grain), when the run's report has it
+                **({"quality_delta": r["quality_tuned"] - r["quality_base"]} if "quality_tuned" in r else {}),
+            })
     return rows
 
 

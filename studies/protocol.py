@@ -49,19 +49,30 @@ KNOBS: dict[str, Knob] = {
     # DPO and DMPO share the values so that the margin diagnostic compares them at equal beta.
     "diffusion_dpo": Knob("beta", (250.0, 1000.0, 4000.0)),
     "dmpo": Knob("beta", (250.0, 1000.0, 4000.0)),
-    # MaPO's beta weights its margin term against the likelihood term; the paper default 0.1 and
-    # a factor 3 either side.
-    "mapo": Knob("beta", (0.03, 0.1, 0.3)),
+    # MaPO's beta weights its margin term against the likelihood term: the paper default 0.1 and
+    # the shapes world's 0.01 (at 0.1 the margin term makes tuned samples grainy:
+    # benchmarks/TOY_GRAIN.md), with 0.03 between.
+    "mapo": Knob("beta", (0.01, 0.03, 0.1)),
+    # Issue 18's objectives. f-DPO members share DPO's beta values (the reverse-KL member is DPO).
+    "fdpo_js": Knob("beta", (250.0, 1000.0, 4000.0), loss="fdpo", fixed={"divergence": "js"}),
+    "fdpo_forward_kl": Knob("beta", (250.0, 1000.0, 4000.0), loss="fdpo", fixed={"divergence": "forward_kl"}),
+    # Diffusion-KTO learns from the pairs split into labelled images (data.unpaired, automatic for
+    # an unpaired objective); its beta scales -(err - ref) without DPO's 0.5: the same values.
+    "kto": Knob("beta", (250.0, 1000.0, 4000.0)),
 }
 
 FAITHFULNESS_DROP_MAX = 0.05
 """The selection rule's constraint: mean faithfulness (checker colour + shape accuracy) may drop
 by at most 5 points from the base over the training seeds."""
 
+QUALITY_DROP_MAX = 0.02
+"""And mean image quality (``shapes_quality``: 1 - background grain) may drop by at most 0.02, the
+demo's own tolerance (``diffpo.toy.demo.QUALITY_TOLERANCE``), when the sweep runs report it."""
+
 SELECTION_RULE = (
     f"per objective and task family, on the training seeds only: the knob value with the highest mean task-reward gain "
-    f"(tuned - base) among those whose mean faithfulness drop is <= {FAITHFULNESS_DROP_MAX:g}; if none qualifies, "
-    f"the value with the smallest mean faithfulness drop"
+    f"(tuned - base) among those whose mean faithfulness drop is <= {FAITHFULNESS_DROP_MAX:g} and mean quality drop "
+    f"<= {QUALITY_DROP_MAX:g}; if none qualifies, the value with the smallest mean faithfulness drop"
 )
 
 
@@ -172,13 +183,14 @@ def select_knob(sweep_reports: Sequence[dict], objective: str, drop_max: float =
             "value": value,
             "reward_gain": sum(r["reward_gain"] for r in rows) / len(rows),
             "faithfulness_delta": sum(r["faithfulness_delta"] for r in rows) / len(rows),
+            **({"quality_delta": sum(r["quality_delta"] for r in rows) / len(rows)} if all("quality_delta" in r for r in rows) else {}),
             "seeds": sorted(r["seed"] for r in rows),
         }
         for value, rows in sorted(by_value.items())
     ]
-    feasible = [row for row in table if row["faithfulness_delta"] >= -drop_max]
+    feasible = [row for row in table if row["faithfulness_delta"] >= -drop_max and row.get("quality_delta", 0.0) >= -QUALITY_DROP_MAX]
     if feasible:
-        best, why = max(feasible, key=lambda row: row["reward_gain"]), "highest reward gain within the faithfulness limit"
+        best, why = max(feasible, key=lambda row: row["reward_gain"]), "highest reward gain within the faithfulness and quality limits"
     else:
-        best, why = max(table, key=lambda row: row["faithfulness_delta"]), "no value within the faithfulness limit: the smallest drop"
+        best, why = max(table, key=lambda row: row["faithfulness_delta"]), "no value within the limits: the smallest faithfulness drop"
     return {"objective": objective, "knob": knob_for(objective).name, "value": best["value"], "why": why, "table": table}

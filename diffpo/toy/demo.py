@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from diffpo.config import config_from_dict
+from diffpo.losses import get_loss
 from diffpo.toy.base import ASSET_DIR, load_toy_model
 from diffpo.toy.evaluate import evaluate_toy, task_scorer
 from diffpo.toy.tasks import TASKS, Sampler, build_reward_pairs, build_style_pairs, prompt_split
@@ -38,6 +39,8 @@ TOY_LOSS_HPARAMS: dict[str, dict[str, float]] = {
     "mapo": {"beta": 0.01},
     "diffusion_dpo": {"beta": 1000.0},
     "dmpo": {"beta": 1000.0},
+    "fdpo": {"beta": 1000.0},  # the same reward scale as diffusion_dpo (its reverse-KL member is DPO)
+    "kto": {"beta": 1000.0},  # the official code's default, and DPO's toy value
 }
 
 
@@ -105,7 +108,9 @@ def train_config(settings: DemoSettings, pairs: Path, run_dir: Path, base: str) 
         # A new style needs the convolutions, not only the 8x8 attention that LoRA's default
         # targets reach: LoRA here covers every conv and attention projection of the UNet.
         "model": {"pretrained": base, "family": "sd", "lora": lora},
-        "data": {"source": str(pairs), "resolution": 32, "random_flip": True},
+        # An objective that learns from single labelled images (Diffusion-KTO) gets the pairs split:
+        # chosen desirable, rejected not (data.unpaired).
+        "data": {"source": str(pairs), "resolution": 32, "random_flip": True, "unpaired": get_loss(settings.loss).examples == "unpaired"},
         "loss": {"name": settings.loss, **hparams},
         "train": {
             "batch_size": settings.batch_size, "max_steps": settings.steps, "learning_rate": settings.learning_rate,

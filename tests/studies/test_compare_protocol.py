@@ -97,6 +97,9 @@ def test_select_knob_rule():
     none_fit = [dict(r, faithfulness_delta=r["faithfulness_delta"] - 0.5) for r in reports]
     pick = protocol.select_knob(none_fit, "mapo")
     assert pick["value"] == 0.03 and pick["why"].startswith("no value within")
+    # with the image-quality measure reported, a grainy value is out too (drop > QUALITY_DROP_MAX)
+    grainy = [dict(r, quality_delta=-0.1 if r["value"] == 0.3 else 0.0) for r in reports]
+    assert protocol.select_knob(grainy, "mapo")["value"] == 0.03
 
 
 TRAIN, EVAL = [1000, 1100], [0, 100]
@@ -104,8 +107,8 @@ TRAIN, EVAL = [1000, 1100], [0, 100]
 
 @pytest.fixture
 def fake_experiment(monkeypatch, tmp_path):
-    """run_experiment -> a report whose reward gain peaks at beta 0.3 on the training seeds and at
-    0.03 on the evaluation seeds; every call is recorded with whether selection.json existed."""
+    """run_experiment -> a report whose reward gain peaks at beta 0.1 on the training seeds and at
+    0.01 on the evaluation seeds; every call is recorded with whether selection.json existed."""
     calls = []
     out = tmp_path / "cmp"
 
@@ -118,12 +121,12 @@ def fake_experiment(monkeypatch, tmp_path):
         value = settings.loss_hparams.get("beta", settings.learning_rate)
         calls.append({"seed": settings.seed, "value": value, "loss": settings.loss, "selected": (out / "selection.json").is_file(),
                       "eval_per_prompt": settings.eval_per_prompt, "pairs": str(pairs)})
-        best = 0.3 if settings.seed in TRAIN else 0.03
+        best = 0.1 if settings.seed in TRAIN else 0.01
         gain = 1.0 - abs(math.log(value / best)) if settings.loss == "mapo" else 0.1
         run_dir.mkdir(parents=True, exist_ok=True)
         report = {"method": settings.loss, "win_rate": 0.5 + gain / 4, "win_rate_ci": [0.4, 0.9], "reward_base": 0.2, "reward_tuned": 0.2 + gain,
                   "faithfulness_base": 0.9, "faithfulness_tuned": 0.88, "diversity_base": 1.0, "diversity_tuned": 0.8, "seconds_per_step": 0.05,
-                  "quality_base": 0.5, "quality_tuned": 0.45, "n_eval_images": 11 * settings.eval_per_prompt}
+                  "quality_base": 0.5, "quality_tuned": 0.49, "n_eval_images": 11 * settings.eval_per_prompt}
         (run_dir / "report.json").write_text(json.dumps(report))
         (run_dir / "train").mkdir()
         (run_dir / "train" / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "margin": 0.5 * k, "implicit_accuracy": 0.5}) + "\n" for k in range(1, 121)))
@@ -147,13 +150,13 @@ def test_chooses_on_training_seeds_and_evaluates_on_separate_ones(fake_experimen
     # every sweep run (both knob values x training seeds) ran before the selection existed
     assert {c["seed"] for c in sweep} == set(TRAIN) and len(sweep) == 2 * (3 + 3)
     assert all(c["eval_per_prompt"] == 2 for c in sweep) and all(c["eval_per_prompt"] == 4 for c in final)
-    # the selection read the training seeds (best 0.3), not the evaluation seeds (best 0.03)
+    # the selection read the training seeds (best 0.1), not the evaluation seeds (best 0.01)
     selection = json.loads((out / "selection.json").read_text())
-    assert selection["by_family"]["style:outline"]["mapo"]["value"] == 0.3
+    assert selection["by_family"]["style:outline"]["mapo"]["value"] == 0.1
     assert {row["seeds"] == TRAIN for row in selection["by_family"]["style:outline"]["mapo"]["table"]} == {True}
     # final runs: evaluation seeds only, the chosen value only, both settings, methods sharing pairs
     assert {c["seed"] for c in final} == set(EVAL) and len(final) == 2 * 2 * 2
-    assert {c["value"] for c in final if c["loss"] == "mapo"} == {0.3}
+    assert {c["value"] for c in final if c["loss"] == "mapo"} == {0.1}
     assert len({c["pairs"] for c in final}) == 4  # one pair set per (setting, seed), shared by sft and mapo
     results = json.loads((out / "results.json").read_text())
     assert results["missing"] == [] and len(results["runs"]) == 20
@@ -218,7 +221,9 @@ def test_every_knob_value_makes_a_valid_training_config(objective, tmp_path):
         settings = protocol.run_settings(DemoSettings(), objective, value)
         cfg = config_from_dict(train_config(settings, Path("pairs.jsonl"), tmp_path, "toy:base"))
         swept = cfg.train.learning_rate if knob.is_learning_rate else cfg.to_dict()["loss"][knob.name]
-        assert swept == value and cfg.loss.name == objective
+        assert swept == value and cfg.loss.name == (knob.loss or objective)
+        assert all(cfg.loss.hparams[k] == v for k, v in knob.fixed.items())
+        assert cfg.data.unpaired == (objective == "kto")  # the unpaired objective learns from split pairs
         assert cfg.train.learning_rate == (value if knob.is_learning_rate else protocol.SHARED_LEARNING_RATE)
 
 
