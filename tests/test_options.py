@@ -158,7 +158,7 @@ def test_a_bad_key_in_the_yaml_file_names_it(tmp_path, capsys):
     config = tmp_path / "demo.yaml"
     config.write_text("steps: 3\nsettings: {steps: 4}\n")  # a flattened section's name is not a key
     assert main(["demo", "--config", str(config)]) == 2
-    assert capsys.readouterr().err.startswith("diffpo demo: error: settings: unknown key (valid keys here: base, batch_size, device,")
+    assert capsys.readouterr().err.startswith("diffpo demo: error: settings: unknown key (valid keys here: base, batch_size, cache_base_images, device,")
 
 
 def test_dry_run_validates_every_option_without_loading_a_model(tmp_path, capsys, monkeypatch):
