@@ -156,7 +156,8 @@ def use_compile_cache(path: str | Path | None) -> Path | None:
     ``/tmp/torchinductor_$USER``, which a reboot (or a fresh cloud machine) empties. Both are read
     when compilation first needs them, so this must run before the first compiled call. A
     ``TRITON_CACHE_DIR`` the user set already is kept. Dynamo still traces the Python code in every
-    new process (seconds per region); what the cache skips is the graph compilation after it.
+    new process (seconds per region); what the cache skips is the graph compilation after it (the
+    FX-graph and AOTAutograd caches are on by default in PyTorch >= 2.6; this only moves them).
     """
     if path is None:
         return None
@@ -164,14 +165,6 @@ def use_compile_cache(path: str | Path | None) -> Path | None:
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
-    try:  # both on by default in recent PyTorch; make sure the caches are read and written
-        import torch._functorch.config as functorch_config
-        import torch._inductor.config as inductor_config
-
-        inductor_config.fx_graph_cache = True
-        functorch_config.enable_autograd_cache = True
-    except (ImportError, AttributeError):  # older PyTorch: the directory alone still holds Triton's kernels
-        pass
     logger.info("torch.compile caches in %s", cache)
     return cache
 

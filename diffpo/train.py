@@ -270,7 +270,7 @@ def setup_accelerator(cfg: Config):
     """The Accelerator, seeded, after the checks that depend on its distributed type."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
     tc, output_dir = cfg.train, Path(cfg.output_dir)
     # Still needed: accelerate keeps one AcceleratorState per process, and a second Accelerator
@@ -282,8 +282,6 @@ def setup_accelerator(cfg: Config):
         # Windows may span epochs: the step count must not depend on where an epoch ends.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=tc.gradient_accumulation_steps, sync_with_dataloader=False),
         mixed_precision=tc.mixed_precision,
-        # batches arrive in pinned memory (setup_data): copy them without a host sync per tensor
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),
         log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
@@ -317,8 +315,7 @@ def setup_data(cfg: Config, accelerator, spec: LossSpec, cache_dir: Path | None 
     else:
         dataset, collate = PairDataset(records, cfg.data.resolution, center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip, seed=cfg.seed), collate_pairs
     sampler = EpochSampler(len(dataset), cfg.seed)
-    pin = accelerator.device.type == "cuda"  # pinned batches copy to the GPU asynchronously
-    dataloader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=True, pin_memory=pin)
+    dataloader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=True)
     return Data(records, dataset, sampler, dataloader, cache_meta, global_batch)
 
 

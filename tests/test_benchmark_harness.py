@@ -51,3 +51,12 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 def test_bad_case_is_a_clear_error():
     with pytest.raises(SystemExit, match="not RECIPE/OBJECTIVE/MODE"):
         train_step.parse_args(["--cases", "diffpo-mapo"])
+
+
+def test_selective_checkpointing_cases_name_their_blocks():
+    case = train_step.Case.parse("diffpo+compile+ckpt=down_blocks.1:up_blocks.2/mapo/full")
+    assert case.compiled and case.checkpointing == ["down_blocks.1", "up_blocks.2"]
+    assert train_step.Case.parse("diffpo+compile+ckpt/mapo/full").checkpointing is True
+    assert train_step.Case.parse("diffpo+compile/mapo/full").checkpointing is False
+    with pytest.raises(SystemExit, match="selective checkpointing"):  # the public recipe is fixed
+        train_step.Case.parse("public+ckpt=down_blocks.1/mapo/full")
