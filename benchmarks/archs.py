@@ -39,7 +39,7 @@ CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num
 @dataclass(frozen=True)
 class Arch:
     name: str
-    family: str  # "sd" or "sdxl": the diffpo family whose encode/predict code runs
+    family: str  # "sd" or "sdxl": the diffpo family whose encode/predict code runs (and whose text encoders are built)
     resolution: int
     unet: dict[str, Any]
     vae: dict[str, Any]
@@ -97,18 +97,19 @@ def build_encoders(arch: Arch, device: torch.device | str):
     """(vae, text_encoders, tokenizers) with random weights. The tokenizer is the shapes world's word
     tokenizer padded to the encoder's 77 positions: the text encoders' cost depends on the sequence
     length, not on the vocabulary."""
+    import transformers
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig
 
+    from diffpo.models import FAMILIES
     from diffpo.toy.tokenizer import build_tokenizer
 
+    classes = FAMILIES[arch.family].text_encoder_classes  # e.g. SDXL's second is the projected one
     with torch.device(device):
         vae = AutoencoderKL(**arch.vae, **arch.vae_extra)
         encoders = []
-        for i, cfg in enumerate(arch.text_encoders):
+        for cfg, class_name in zip(arch.text_encoders, classes, strict=True):
             config = CLIPTextConfig(**cfg, bos_token_id=2, eos_token_id=3, pad_token_id=0)
-            # SDXL's second encoder is the projected one (pooled text_embeds feed the UNet)
-            model_cls = CLIPTextModelWithProjection if (arch.family == "sdxl" and i == 1) else CLIPTextModel
-            encoders.append(model_cls(config))
+            encoders.append(getattr(transformers, class_name)(config))
     tokenizers = [build_tokenizer(max_length=arch.text_length) for _ in encoders]
     return vae, encoders, tokenizers

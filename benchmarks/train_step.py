@@ -198,8 +198,9 @@ class Setup:
         latent = lambda: torch.randn(pairs, 4, arch.latent_size, arch.latent_size, generator=g).to(self.device, memory_format=memory_format)  # noqa: E731
         hidden = sum(cfg["hidden_size"] for cfg in arch.text_encoders)
         cond = {"encoder_hidden_states": torch.randn(pairs, arch.text_length, hidden, generator=g).to(self.device, torch.bfloat16)}
-        if arch.family == "sdxl":
-            cond["text_embeds"] = torch.randn(pairs, arch.text_encoders[-1]["projection_dim"], generator=g).to(self.device, torch.bfloat16)
+        pooled_key = self.components.family.pooled_text_key  # SDXL's text_embeds
+        if pooled_key is not None:
+            cond[pooled_key] = torch.randn(pairs, arch.text_encoders[-1]["projection_dim"], generator=g).to(self.device, torch.bfloat16)
         return {"cond": cond, "latents_w": latent(), "latents_l": latent()}
 
     def compile(self) -> None:

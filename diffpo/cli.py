@@ -2,9 +2,10 @@
 
 Plugins add their own subcommands (the shapes world: ``diffpo demo``, ``diffpo toy ...``) with
 ``register_command``; ``main`` loads them (``diffpo.plugins``) before it builds the parser.
-Each subcommand is a small function; configuration lives in typed dataclasses (``diffpo.config``),
-filled from YAML and ``key.sub=value`` overrides. Errors we can explain (bad config, bad data, a
-model that will not load) print one clear line and exit 2, never a deep stack trace.
+Each subcommand is a small function of a typed options dataclass whose flags and ``--help`` are
+generated from its fields (``diffpo.options.add_command``), filled from a YAML file, ``key.sub=value``
+overrides and flags. Errors we can explain (bad config, bad data, a model that will not load) print
+one clear line and exit 2, never a deep stack trace.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 
-from diffpo.config import ConfigError, load_config
+from diffpo.config import Config, ConfigError, flattened, save_config
+from diffpo.options import add_command
 
 
 def _explainable_errors() -> tuple[type[BaseException], ...]:
@@ -51,40 +54,52 @@ def cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
-def validate_train(args: argparse.Namespace) -> None:
-    """``--dry-run``: the config with its overrides, validated (no data read, no model loaded)."""
-    load_config(args.config, args.overrides)
+@dataclass
+class TrainOptions:
+    """``diffpo train``: the run's ``Config`` (its keys at the top level) and how to launch it."""
+
+    config: Config = flattened(Config)
+    num_processes: int = 1
+    """Data-parallel processes: runs the same config under ``accelerate launch``, one process per GPU
+    (gloo on CPUs when there are fewer GPUs)."""
+
+    def __post_init__(self):
+        if self.num_processes < 1:
+            raise ConfigError(f"num_processes: must be >= 1, got {self.num_processes}")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(options: TrainOptions) -> int:
     """Fine-tune with a preference objective: ``diffpo train --config FILE.yaml [key=value ...]``."""
     from diffpo.train import train
 
-    cfg = load_config(args.config, args.overrides)  # validate before launching anything
-    if args.num_processes > 1:
-        return _relaunch_with_accelerate(args)
-    result = train(cfg)
+    if options.num_processes > 1:
+        return _relaunch_with_accelerate(options)
+    result = train(options.config)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per process
         print(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {result.seconds:.1f}s; weights in {result.final_dir}")
     return 0
 
 
-def _relaunch_with_accelerate(args: argparse.Namespace) -> int:
-    """``--num-processes N``: the same command under ``accelerate launch`` (data parallel, one
-    process per GPU; gloo on CPUs when there is no GPU)."""
+def _relaunch_with_accelerate(options: TrainOptions) -> int:
+    """``--num-processes N``: the same run under ``accelerate launch`` (data parallel, one process
+    per GPU; gloo on CPUs when there is no GPU). The processes read the config as resolved here
+    (file, overrides and flags), saved to a temporary YAML file."""
     import subprocess
+    import tempfile
 
     import torch
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.num_processes),
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(options.num_processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = dict(os.environ)
-    if torch.cuda.device_count() < args.num_processes:
+    if torch.cuda.device_count() < options.num_processes:
         # accelerate's --cpu runs a single process unless under MPI; torchrun processes with
         # ACCELERATE_USE_CPU form a gloo process group instead.
         env["ACCELERATE_USE_CPU"] = "true"
-    command = ["-m", "diffpo", "train", *(["--config", args.config] if args.config else []), *args.overrides]
-    return subprocess.call(launch + command, env=env)
+    with tempfile.TemporaryDirectory(prefix="diffpo-launch-") as folder:
+        resolved = os.path.join(folder, "config.yaml")
+        save_config(options.config, resolved)
+        return subprocess.call([*launch, "-m", "diffpo", "train", "--config", resolved], env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,11 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("losses", help="list the preference objectives and their hparams")
     p.set_defaults(func=cmd_losses)
 
-    p = sub.add_parser("train", help="fine-tune a model on preference pairs")
-    p.add_argument("--config", required=False, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dmpo train.max_steps=3")
-    p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (shortcut for accelerate launch)")
-    p.set_defaults(func=cmd_train, validate=validate_train)
+    add_command(sub, "train", TrainOptions, cmd_train, help="fine-tune a model on preference pairs",
+                description="Fine-tune a model on preference pairs: a config from configs/, dotted overrides (loss.name=dmpo "
+                "train.max_steps=3) or the flags below, one per key of the config.")
 
     for register in list(_EXTRA_COMMANDS):
         register(sub)
@@ -126,12 +139,12 @@ def _add_common_flags(sub: argparse._SubParsersAction) -> None:
 
 # Other modules add subcommands here (eval, pairs, ..., and plugins' commands), keeping this file small.
 _EXTRA_COMMANDS: list = []
-_CORE_COMMAND_MODULES = ("diffpo.evaluate.cli", "diffpo.data.cli", "diffpo.cache", "diffpo.web.cli")
+_CORE_COMMAND_MODULES = ("diffpo.evaluate.cli", "diffpo.data.cli", "diffpo.data.cache", "diffpo.web.cli")
 
 
 def register_command(register_cli) -> None:
-    """Add subcommands: ``register_cli(sub)`` gets the ``argparse`` sub-parsers and adds its own
-    (with ``set_defaults(func=...)``; ``validate=...`` for ``--dry-run``)."""
+    """Add subcommands: ``register_cli(sub)`` gets the ``argparse`` sub-parsers and adds its own,
+    each with ``diffpo.options.add_command(sub, name, OptionsDataclass, run, help=...)``."""
     if register_cli not in _EXTRA_COMMANDS:
         _EXTRA_COMMANDS.append(register_cli)
 

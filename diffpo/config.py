@@ -1,7 +1,9 @@
-"""Typed run configuration: YAML files plus dotted command-line overrides, validated up front.
+"""Typed configuration: YAML files plus dotted command-line overrides, validated up front.
 
 Every field documents itself; cross-field checks live in ``__post_init__`` (TRL style). An
 unknown key or a bad value raises ``ConfigError`` naming the key before any model is loaded.
+``Config`` is the training run's; every subcommand's options are such a dataclass too, read by
+the same ``load_options`` (``diffpo.options`` makes their flags and ``--help``).
 
     cfg = load_config("configs/tiny.yaml", ["loss.name=dmpo", "train.max_steps=3"])
 """
@@ -50,15 +52,25 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def flattened(factory: type) -> Any:
+    """A nested dataclass field whose keys sit at its parent's level, in YAML, overrides and flags
+    alike (a command's options around the training ``Config``: ``diffpo cache --out DIR train.seed=1``)."""
+    return field(default_factory=factory, metadata={"flatten": True})
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = True
     """Train LoRA adapters (peft) instead of the full network. The reference model is then the
     same network with adapters disabled, so no second copy is held in memory."""
     rank: int = 8
+    """LoRA rank r: each adapted weight W gets W + (alpha / r) B A with A of r rows."""
     alpha: float = 8.0
+    """LoRA scale numerator: the update is multiplied by alpha / rank."""
     dropout: float = 0.0
+    """Dropout on the LoRA branch's input, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Names (suffixes) of the modules that get adapters; the attention projections by default."""
 
     def __post_init__(self):
         _check(self.rank > 0, "model.lora.rank", f"must be positive, got {self.rank}")
@@ -75,7 +87,9 @@ class ModelConfig:
     family: str = "auto"
     """Model family adapter: auto (read model_index.json), sd, sdxl, sd3 or flux."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) of ``pretrained``; None: the default branch."""
     variant: str | None = None
+    """Weight file variant to load, e.g. ``fp16``; None: the full-precision files."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     gradient_checkpointing: bool | list[str] = False
     """Recompute activations in the backward pass instead of keeping them: ``true`` for every block,
@@ -94,20 +108,32 @@ class DataConfig:
     source: str = "data/tiny_pairs/pairs.jsonl"
     """A JSONL manifest (prompt, chosen, rejected), a folder holding pairs.jsonl, a local
     parquet/arrow/json file or folder, or a hub dataset id (Pick-a-Pic schema)."""
-    format: Literal["auto", "manifest", "pickapic"] = "auto"
+    format: str = "auto"
+    """``auto`` (detected from the source), or a registered format (``diffpo.data.format``): ``manifest``,
+    ``pickapic``, ``unpaired``, ``unpaired_table``, or one a plugin adds."""
     split: str = "train"
+    """Split of a hub or local dataset (``datasets`` naming); manifests have none."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping for other schemas, e.g. {caption: prompt, image_0: img_a, image_1: img_b,
     label_0: pref_a}. Keys: caption, image_0, image_1, label_0 (Pick-a-Pic names by default)."""
     ties: Literal["drop", "random"] = "drop"
     """Pairs labelled 0.5: drop them (the papers' default), or order them at random (seeded)."""
     resolution: int = 32
+    """Square training side in pixels: images are resized (shorter side) and cropped to it."""
     center_crop: bool = False
+    """Crop the centre of each image; false: a random crop (the same crop for both images of a pair)."""
     random_flip: bool = True
+    """Mirror both images of a pair together with probability 1/2."""
     strict: bool = False
     """Stop before training on the first bad row instead of skipping it with a warning."""
+    unpaired: bool = False
+    """Split each preference pair into two unpaired examples (the chosen image desirable, the
+    rejected one not) for objectives that learn from single labelled images (``loss.name: kto``).
+    Sources in an unpaired format (``unpaired``, ``unpaired_table``) need no flag."""
     max_pairs: int | None = None
+    """Use only the first N pairs; None: all of them."""
     num_workers: int = 0
+    """DataLoader worker processes; 0 loads in the training process."""
     cache: str | None = None
     """A latent cache folder written by ``diffpo cache`` (VAE latents and text embeddings of these
     pairs). Training then reads it instead of encoding, and never loads the VAE or text encoders;
@@ -118,6 +144,9 @@ class DataConfig:
         _check(self.cache is None or bool(self.cache.strip()), "data.cache", "must be a folder or null")
         _check(self.max_pairs is None or self.max_pairs > 0, "data.max_pairs", "must be positive")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        from diffpo.data.format import format_names, is_known_format  # here: diffpo.data imports this module
+
+        _check(is_known_format(self.format), "data.format", f"unknown format {self.format!r} (known: {', '.join(format_names())})")
 
 
 @dataclass
@@ -125,7 +154,9 @@ class LossConfig:
     name: str = "mapo"
     """One of ``diffpo losses``. Every other key in this section is the objective's hparam, e.g.
     ``loss.beta=0.2``; unknown hparams are an error."""
-    hparams: dict[str, float] = field(default_factory=dict)
+    hparams: dict[str, float | str] = field(default_factory=dict)
+    """The objective's hyper-parameters (defaults and ranges: ``diffpo losses``); in YAML and overrides
+    they sit beside ``name`` (``loss.beta=0.2``). Numbers, or a choice (fdpo's ``divergence``)."""
 
     def __post_init__(self):
         try:
@@ -140,18 +171,29 @@ class TrainConfig:
     batch_size: int = 4
     """Pairs per process per micro-step (each pair is two images)."""
     gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step: the global batch is batch_size x this x processes."""
     max_steps: int = 100
     """Optimizer steps."""
     learning_rate: float = 1e-4
+    """Peak learning rate of AdamW."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    """Learning-rate schedule (``diffusers.optimization.get_scheduler``)."""
     lr_warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to the learning rate."""
     adam_beta1: float = 0.9
+    """AdamW's first-moment decay."""
     adam_beta2: float = 0.999
+    """AdamW's second-moment decay."""
     adam_weight_decay: float = 1e-2
+    """AdamW's decoupled weight decay."""
     adam_epsilon: float = 1e-8
+    """AdamW's epsilon (added to the second moment's square root)."""
     use_8bit_adam: bool = False
+    """bitsandbytes' 8-bit AdamW (optimizer state in 8 bits; needs bitsandbytes)."""
     max_grad_norm: float | None = 1.0
+    """Clip the gradients' global norm to this; null: no clipping."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision of the forward passes (accelerate); fp16 also scales the loss."""
     weight_dtype: Literal["float32", "bf16"] = "float32"
     """``bf16``: the trained network computes with bf16 weights and the optimizer keeps their float32
     master copy (``diffpo.fastpath.MasterWeightAdamW``; faster and smaller than autocast over float32
@@ -167,7 +209,9 @@ class TrainConfig:
     channels_last: bool = False
     """channels_last memory format for the trained network (convolutions on tensor cores)."""
     checkpoint_every: int = 50
+    """Save a resumable checkpoint-N/ folder every N optimizer steps."""
     checkpoints_total_limit: int | None = 3
+    """Keep only the newest N checkpoint folders; null: keep all."""
     resume: str | None = None
     """``latest`` (newest complete checkpoint in output_dir), a checkpoint folder, or null."""
     resume_allow_changes: list[str] = field(default_factory=list)
@@ -196,14 +240,18 @@ class TrainConfig:
 @dataclass
 class LoggingConfig:
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Tracker for the metrics (besides OUTPUT_DIR/metrics.jsonl, always written)."""
     log_every: int = 1
+    """Log metrics every N optimizer steps."""
     progress: bool = True
+    """Show a progress bar."""
     validation_prompts: list[str] = field(default_factory=list)
     """Prompts sampled every ``validation_every`` steps (and at the end) with fixed seeds; the grid
     goes to OUTPUT_DIR/samples/step-N.png and to tensorboard/wandb."""
     validation_every: int = 0
     """0 turns validation sampling off."""
     validation_images_per_prompt: int = 2
+    """Images per validation prompt (seeds 0..N-1)."""
     validation_inference_steps: int | None = None
     """None: the family's default (``Family.sampling_default_settings``; 25 for the shapes world)."""
     validation_guidance_scale: float | None = None
@@ -221,10 +269,12 @@ class LoggingConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
+    """The run's folder: metrics.jsonl, checkpoint-N/, final/ and the resolved config."""
     overwrite_output_dir: bool = False
     """A fresh run into an output_dir that holds another run is refused; true moves that run to
     ``OUTPUT_DIR.old-<time>`` first (never deletes it)."""
     seed: int = 0
+    """Seed of every random draw (data order, noise, timesteps, flips)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -251,6 +301,16 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 
 
+def takes_text(annotation: Any) -> bool:
+    """A field typed str, Path or a Literal of strings (or None besides): command-line text is its
+    value as written, not parsed as YAML (``--out 2024`` is the folder '2024', not a number)."""
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(takes_text(arg) for arg in get_args(annotation) if arg is not type(None))
+    if get_origin(annotation) is Literal:
+        return all(isinstance(arg, str) for arg in get_args(annotation))
+    return annotation in (str, Path)
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin, args = get_origin(annotation), get_args(annotation)
     if annotation is Any:
@@ -274,6 +334,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
         return _build(annotation, value, key)
     if origin is list:
+        if isinstance(value, str):  # a comma-separated list on the command line: --scorers a,b
+            value = [part if takes_text(args[0]) else read_yaml(part) for part in map(str.strip, value.split(",")) if part]
         _check(isinstance(value, list), key, f"must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -298,6 +360,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is str:
         _check(isinstance(value, str), key, f"must be a string, got {value!r}")
         return value
+    if annotation is Path:
+        _check(isinstance(value, (str, Path)) and str(value) != "", key, f"must be a path, got {value!r}")
+        return Path(value)
     raise ConfigError(f"{key}: unsupported type {annotation}")
 
 
@@ -311,14 +376,28 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         kwargs["name"] = _coerce(data.pop("name", LossConfig.name), str, "loss.name")
         hparams = data.pop("hparams", {}) or {}
         hparams.update(data)
-        kwargs["hparams"] = {k: _coerce(v, float, f"loss.{k}") for k, v in hparams.items()}
+        kwargs["hparams"] = {k: _coerce(v, float | str, f"loss.{k}") for k, v in hparams.items()}  # numbers, or a choice (fdpo's divergence)
         return cls(**kwargs)
+    data = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flatten"):  # its keys sit at this level: hand them down
+            own = _keys(hints[f.name])
+            kwargs[f.name] = _build(hints[f.name], {k: data.pop(k) for k in list(data) if k in own}, prefix)
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(f"{dotted}: unknown key (valid keys here: {', '.join(sorted(names))})")
+        if key not in names or key in kwargs:
+            raise ConfigError(f"{dotted}: unknown key (valid keys here: {', '.join(sorted(_keys(cls)))})")
         kwargs[key] = _coerce(value, hints[key], dotted)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{f'{prefix}.{f.name}' if prefix else f.name}: required, and not given")
     return cls(**kwargs)
+
+
+def _keys(cls: type) -> set[str]:
+    """The keys a mapping for ``cls`` may hold: its fields, a flattened field's own keys in its place."""
+    hints = typing.get_type_hints(cls)
+    return {k for f in dataclasses.fields(cls) for k in (_keys(hints[f.name]) if f.metadata.get("flatten") else {f.name})}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -340,7 +419,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
         _check(bool(key.strip()), item, "empty key")
-        _set_dotted(tree, key.strip(), read_yaml(raw) if raw != "" else "")
+        try:
+            value = read_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"{key.strip()}: not a YAML value: {raw!r}") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -358,8 +441,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (optional), apply dotted overrides, validate, return ``Config``."""
+def load_options(cls: type, path: str | Path | None = None, overrides: list[str] | None = None, flags: dict[str, Any] | None = None) -> Any:
+    """A ``cls`` from its defaults, then a YAML file (optional), then dotted overrides, then
+    ``flags`` (a nested dict, as ``diffpo.options`` reads them from the command line); validated."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -371,8 +455,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    data = _merge(data, parse_overrides(overrides or []))
-    return config_from_dict(data)
+    data = _merge(_merge(data, parse_overrides(overrides or [])), flags or {})
+    return _build(cls, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (optional), apply dotted overrides, validate, return ``Config``."""
+    return load_options(Config, path, overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

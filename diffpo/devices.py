@@ -1,8 +1,9 @@
 """One check for every ``--device`` flag: a device torch can use here, or one clear error line.
 
 Without it, ``--device cuda`` on a CPU-only torch failed deep inside torch (``AssertionError:
-Torch not compiled with CUDA enabled``) after the data and models had loaded. ``diffpo.cli.main``
-runs it on every subcommand that has a ``--device`` argument, before the subcommand starts.
+Torch not compiled with CUDA enabled``) after the data and models had loaded. Every subcommand
+whose options have a ``device`` runs it before it starts (``diffpo.options``; ``diffpo.cli.main``
+for a plugin's hand-written parser).
 """
 
 from __future__ import annotations

@@ -4,9 +4,12 @@ registry, plus the registry of pixel-space samplers that plugins fill.
 A *family* adapter hides what differs between model families (text encoders, extra
 conditioning, latent scaling, which pipeline class loads the result); the trainer only sees
 ``Components`` and the four family methods ``encode_prompts``, ``encode_image_moments``, ``predict`` and
-``save``. The families themselves live in ``diffpo.models`` (SD 1.x/2.x) and ``diffpo.families``
-(SDXL, SD3, Flux); both import this module, which imports neither, so the three form no import
-cycle.
+``save``. Each family is one file of ``diffpo.families`` (``sd``, ``sdxl``, ``sd3``, ``flux``) and
+declares, on its class, everything the rest of diffpo needs to know about it: the pipeline classes
+``model.family: auto`` recognises (``detect_pipeline_classes``), its tiny random models
+(``tiny_models``, the ``tiny:<name>`` ids), the blocks ``train.compile=regional`` compiles
+(``compile_blocks``), and its text encoders' classes and pooled-text key (the benchmarks build
+random ones). ``register_family`` makes it known; nothing else is edited to add one.
 """
 
 from __future__ import annotations
@@ -50,8 +53,24 @@ class Family:
 
     name = "base"
     pipeline_class_name = "DiffusionPipeline"
+    """The diffusers pipeline class ``build_pipeline`` assembles (saving, sampling, LoRA files)."""
     network_subfolder = "unet"
     lora_prefix_argument = "unet_lora_layers"
+
+    # --- declarations: read by the registry, not by the trainer ----------------------------------
+    detect_pipeline_classes: tuple[str, ...] = ()
+    """``_class_name`` values of ``model_index.json`` that ``model.family: auto`` reads as this
+    family. Only a class's own declaration counts: a subclass claims nothing unless it says so."""
+    tiny_models: Mapping[str, Callable[[], Any]] = {}
+    """``tiny:<name>`` ids -> a function that builds the tiny random pipeline (``diffpo.tiny``); own
+    declaration only, like ``detect_pipeline_classes``."""
+    compile_blocks: tuple[str, ...] = ()
+    """Class names of the network's repeated blocks, compiled one by one by ``train.compile=regional``
+    (``diffpo.fastpath.compile_network``); inherited by subclasses, which share the network."""
+    text_encoder_classes: tuple[str, ...] = ()
+    """The transformers classes of the text encoders, in ``Components.text_encoders`` order."""
+    pooled_text_key: str | None = None
+    """The key of the pooled text vector in ``encode_prompts``' output, when the network takes one."""
 
     @property
     def pipeline_class(self):
@@ -149,12 +168,38 @@ class Family:
         self.pipeline_class.save_lora_weights(out_dir, **{self.lora_prefix_argument: state, metadata_argument: metadata})
 
 
-FAMILIES: dict[str, Callable[[], Family]] = {}
+FAMILIES: dict[str, type[Family]] = {}
+
+
+def own_declaration(cls: type[Family], attribute: str, default: Any) -> Any:
+    """What ``cls`` itself declares for ``attribute`` (not what it inherits)."""
+    return cls.__dict__.get(attribute, default)
 
 
 def register_family(cls: type[Family]) -> type[Family]:
+    """Make ``model.family: <cls.name>`` (and ``auto`` for its pipeline classes, and its ``tiny:``
+    ids) resolve to ``cls``. A name, pipeline class or tiny id another family holds is refused."""
+    others = [other for name, other in FAMILIES.items() if name != cls.name]
+    held = FAMILIES.get(cls.name)
+    # The same class again (its module re-imported) replaces itself; another class under the name is refused.
+    if held is not None and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"model family {cls.name!r} is already registered ({held.__module__}.{held.__qualname__}); unregister_family({cls.name!r}) first")
+    for attribute in ("detect_pipeline_classes", "tiny_models"):
+        taken = {key: other.name for other in others for key in own_declaration(other, attribute, ())}
+        clash = [key for key in own_declaration(cls, attribute, ()) if key in taken]
+        if clash:
+            raise ValueError(f"family {cls.name!r}: {attribute} {clash[0]!r} is already declared by family {taken[clash[0]]!r}")
     FAMILIES[cls.name] = cls
     return cls
+
+
+def unregister_family(name: str) -> None:
+    FAMILIES.pop(name, None)
+
+
+def family_for_pipeline(class_name: str) -> str | None:
+    """The registered family whose ``detect_pipeline_classes`` names ``class_name``, or None."""
+    return next((name for name, cls in FAMILIES.items() if class_name in own_declaration(cls, "detect_pipeline_classes", ())), None)
 
 
 # ----------------------------------------------------------------------------------------------

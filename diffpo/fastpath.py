@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Collection, Iterable, Literal
 
 import torch
 from torch import nn
@@ -30,10 +30,6 @@ logger = logging.getLogger(__name__)
 
 CompileMode = Literal["none", "regional", "full"]
 
-# Repeated blocks of diffusers UNets/transformers: compiled one by one ("regional" compilation), the
-# graphs are small, compile in seconds each, and identical blocks share their compiled code.
-# Transformer2DModel (not its inner BasicTransformerBlocks: nested compiled regions) is one region.
-REGIONAL_BLOCKS = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D", "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -118,10 +114,12 @@ def find_master_optimizer(optimizer) -> MasterWeightAdamW | None:
     return inner if isinstance(inner, MasterWeightAdamW) else None
 
 
-def compile_network(network: nn.Module, mode: CompileMode) -> nn.Module:
-    """``regional``: compile each repeated block in place (fast to compile; the default recompile
-    limit of 8 is raised because one block class appears at many shapes in a UNet, and hitting the
-    limit silently falls back to eager); ``full``: the whole network in place. Returns the network."""
+def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[str] = ()) -> nn.Module:
+    """``regional``: compile in place each module whose class name is in ``blocks`` (the family's
+    repeated blocks, ``Family.compile_blocks``: the graphs are small, compile in seconds each, and
+    identical blocks share their compiled code; the default recompile limit of 8 is raised because
+    one block class appears at many shapes in a UNet, and hitting the limit silently falls back to
+    eager); ``full``: the whole network in place. Returns the network."""
     if mode == "none":
         return network
     import torch._dynamo
@@ -135,9 +133,11 @@ def compile_network(network: nn.Module, mode: CompileMode) -> nn.Module:
         return network
     count = 0
     for module in network.modules():
-        if type(module).__name__ in REGIONAL_BLOCKS:
+        if type(module).__name__ in blocks:
             module.compile()
             count += 1
+    if count == 0:
+        logger.warning("torch.compile regional: no block of %s is one of %s; nothing compiled", type(network).__name__, sorted(blocks) or "(the family declares none)")
     logger.info("torch.compile: %d blocks compiled", count)
     return network
 

@@ -1,11 +1,11 @@
 """Loading diffusers models, LoRA through peft, the reference model, and saving results.
 
 The family protocol (``Components``, ``Family``, ``FAMILIES``) lives in ``diffpo.family`` and is
-re-exported here. This file holds the Stable Diffusion 1.x/2.x family, which also loads
-pixel-space models (no VAE; a plugin registers how to sample them, ``diffpo.family.PixelSampler``),
-and resolves model ids: ``prefix:name`` ids go to the resolver registered for the prefix
-(``tiny:`` here, ``toy:`` by the shapes-world plugin), anything else is a hub id or a folder.
-Other families register themselves in ``FAMILIES`` (``diffpo.families``).
+re-exported here; the families are the modules of ``diffpo.families``, each registered in
+``FAMILIES``. This file resolves model ids (``prefix:name`` ids go to the resolver registered for
+the prefix: ``tiny:`` here, ``toy:`` by the shapes-world plugin; anything else is a hub id or a
+folder) and the family (``model.family: auto`` asks the registry which family declares the
+folder's pipeline class), and loads the components.
 
 Reference model (LOSSES.md): with LoRA it is the same network with adapters disabled; with full
 fine-tuning it is a frozen copy. Reference-free objectives never build or run it.
@@ -23,7 +23,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+import diffpo.families  # noqa: F401  (registers the built-in families)
 from diffpo.config import LoraConfig, ModelConfig
+from diffpo.families.sd import StableDiffusionFamily  # noqa: F401  (re-exported)
 from diffpo.family import (  # noqa: F401  (re-exported: the public names of the model layer)
     FAMILIES,
     Components,
@@ -32,8 +34,10 @@ from diffpo.family import (  # noqa: F401  (re-exported: the public names of the
     PixelSampler,
     _has_component,
     _read_model_index,
+    family_for_pipeline,
     register_family,
     register_pixel_sampler,
+    unregister_family,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,73 +45,29 @@ logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
-@register_family
-class StableDiffusionFamily(Family):
-    """SD 1.x / 2.x (epsilon or v prediction), and pixel-space models when there is no VAE."""
-
-    name = "sd"
-    pipeline_class_name = "StableDiffusionPipeline"
-
-    def load(self, path: str, cfg: ModelConfig, encoders: bool = True) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        kw = {"revision": cfg.revision}
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=cfg.variant, **kw)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-        if not encoders:
-            return Components(self, unet, scheduler, [], [], source=path)
-        vae = None
-        if _has_component(path, "vae"):
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=cfg.variant, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        return Components(self, unet, scheduler, [text_encoder], [tokenizer], vae=vae, source=path)
-
-    def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:
-        tokenizer, encoder = components.tokenizers[0], components.text_encoders[0]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        hidden = encoder(ids.to(encoder.device))[0]
-        return {"encoder_hidden_states": hidden}
-
-    def predict(self, components, network, noisy, timesteps, cond):
-        return network(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype)).sample
-
-    def build_pipeline(self, components: Components, network: nn.Module | None = None):
-        from diffusers import DDIMScheduler
-
-        return self.pipeline_class(
-            vae=components.vae,
-            text_encoder=components.text_encoders[0],
-            tokenizer=components.tokenizers[0],
-            unet=network if network is not None else components.network,
-            scheduler=DDIMScheduler.from_config(components.scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # Resolving and loading
 # ----------------------------------------------------------------------------------------------
 
 
-_PIPELINE_TO_FAMILY = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
+def _load_plugins() -> None:
+    from diffpo.plugins import load_plugins
+
+    load_plugins()
 
 
 def detect_family(path: str) -> str:
+    """The family whose ``detect_pipeline_classes`` names the folder's pipeline class (plugins
+    are loaded when no built-in family does)."""
     index = _read_model_index(path) or {}
     pipeline = index.get("_class_name", "")
-    try:
-        return _PIPELINE_TO_FAMILY[pipeline]
-    except KeyError:
+    family = family_for_pipeline(pipeline)
+    if family is None:
+        _load_plugins()
+        family = family_for_pipeline(pipeline)
+    if family is None:
         raise ModelLoadError(f"'{path}': cannot tell the model family from pipeline class '{pipeline}'; set model.family") from None
+    return family
 
 
 ModelResolver = Callable[[str, Path], str]
@@ -157,13 +117,15 @@ def resolve_family(cfg: ModelConfig, cache_dir: Path | None = None) -> tuple[str
     path = resolve_pretrained(cfg.pretrained, cache_dir)
     family_name = detect_family(path) if cfg.family == "auto" else cfg.family
     if family_name not in FAMILIES:
+        _load_plugins()
+    if family_name not in FAMILIES:
         raise ModelLoadError(f"unknown model family '{family_name}' (valid: {', '.join(FAMILIES)})")
     return path, family_name
 
 
 def load_components(cfg: ModelConfig, cache_dir: Path | None = None, with_encoders: bool = True) -> Components:
     """``with_encoders=False`` loads only the network and scheduler: no VAE, no text encoders
-    (training from a latent cache, ``diffpo.cache``)."""
+    (training from a latent cache, ``diffpo.data.cache``)."""
     path, family_name = resolve_family(cfg, cache_dir)
     family = FAMILIES[family_name]()
     try:
@@ -211,6 +173,3 @@ class Reference:
 
 def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
     return [p for p in network.parameters() if p.requires_grad]
-
-
-from diffpo import families as _families  # noqa: E402,F401  (registers sdxl, sd3, flux)

@@ -1,5 +1,5 @@
-"""Plugins: packages that add model resolvers, scorers, prompt sets, pixel-space samplers and CLI
-commands to diffpo through the core's registries.
+"""Plugins: packages that add model resolvers, data formats, model families, scorers, prompt sets,
+pixel-space samplers and CLI commands to diffpo through the core's registries.
 
 A plugin is a function ``register()`` named by an entry point of the group ``diffpo.plugins``::
 
@@ -8,12 +8,14 @@ A plugin is a function ``register()`` named by an entry point of the group ``dif
     shapes = "diffpo.toy.plugin:register"
 
 ``register()`` calls the registries it needs: ``diffpo.models.register_model_resolver``
-(``prefix:name`` model ids), ``diffpo.family.register_pixel_sampler``,
+(``prefix:name`` model ids), ``diffpo.data.format.register_format`` (``data.format``),
+``diffpo.family.register_family`` (model families), ``diffpo.family.register_pixel_sampler``,
 ``diffpo.evaluate.scorers.register_scorer``, ``diffpo.evaluate.prompts.register_prompt_set``
 and ``diffpo.cli.register_command``. The registries call ``load_plugins()`` when asked for a
 name they do not hold (``resolve_pretrained("toy:base")``, scorer ``shapes_color``, prompt set
-``shapes-heldout``), and the CLI calls it before it builds its parser, so importing the core
-loads no plugin and a plugin is only imported when one of its names is used.
+``shapes-heldout``, a ``data.format``, a model family or ``tiny:`` id), and the CLI calls it
+before it builds its parser, so importing the core loads no plugin and a plugin is only imported
+when one of its names is used.
 
 The shapes world (``diffpo.toy``) is such a plugin. Its entry point is in diffpo's own
 pyproject.toml, but an editable install reads entry points from the metadata written at install

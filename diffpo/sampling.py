@@ -18,8 +18,8 @@ the generators on the CPU makes CPU and GPU runs draw the same numbers.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -67,25 +67,30 @@ object: pipelines call ``set_timesteps``, which must not touch the scheduler tra
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How images are sampled. ``None`` means the family's default (``Family.sampling_defaults``)."""
+    """How images are sampled. ``None`` means the family's default (``Family.sampling_defaults``).
+    The ``flag`` of each field is its name on the command line (``diffpo eval``, ``diffpo pairs``)."""
 
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    """Classifier-free guidance; Flux models with a guidance embedding (FLUX.1-dev) take it as the
-    embedded guidance instead, as FluxPipeline does."""
-    resolution: int | None = None
+    num_inference_steps: int | None = field(default=None, metadata={"flag": "--steps"})
+    """Sampling steps; None: the family's (30 for SD/SDXL, 28 for SD3/Flux, 25 for toy:base)."""
+    guidance_scale: float | None = field(default=None, metadata={"flag": "--guidance"})
+    """Classifier-free guidance; None: the family's (7.5 SD, 5.0 SDXL, 7.0 SD3, 3.5 Flux, 3.0
+    toy:base). Flux models with a guidance embedding (FLUX.1-dev) take it as the embedded guidance
+    instead, as FluxPipeline does."""
+    resolution: int | None = field(default=None, metadata={"flag": "--resolution"})
     """Square image side in pixels; None: the model's default (its sample size * VAE factor)."""
-    scheduler: str | None = None
-    """One of ``SCHEDULERS`` the family supports (``Family.sampling_schedulers``)."""
-    dtype: str | None = None
-    """fp32 / bf16 / fp16: cast the model (in place) before sampling; None keeps its dtype."""
-    cpu_offload: bool = False
-    """``pipeline.enable_model_cpu_offload``: one sub-model on the GPU at a time (needs a GPU)."""
-    vae_tiling: bool = False
+    scheduler: str | None = field(default=None, metadata={"flag": "--scheduler"})
+    """One of ``SCHEDULERS`` the family supports (ddim, euler, dpm++, flow_euler); None: the
+    family's (ddim SD, euler SDXL, flow_euler SD3/Flux)."""
+    dtype: Literal["fp32", "bf16", "fp16"] | None = field(default=None, metadata={"flag": "--dtype"})
+    """Cast the model (in place) to this dtype before sampling; None keeps its dtype (float32 as loaded)."""
+    cpu_offload: bool = field(default=False, metadata={"flag": "--cpu-offload"})
+    """``pipeline.enable_model_cpu_offload``: one sub-model on the GPU at a time (less memory,
+    slower; needs a GPU)."""
+    vae_tiling: bool = field(default=False, metadata={"flag": "--vae-tiling"})
     """``vae.enable_tiling()``: decode in overlapping tiles (large images, less memory)."""
-    vae_slicing: bool = False
+    vae_slicing: bool = field(default=False, metadata={"flag": "--vae-slicing"})
     """``vae.enable_slicing()``: decode one image of the batch at a time."""
-    clip_sample: bool | None = None
+    clip_sample: bool | None = field(default=None, metadata={"flag": "--clip-sample"})
     """Pixel-space models only: clip DDIM's x0 estimate to [-1, 1] (None: on)."""
 
     def __post_init__(self):
@@ -226,26 +231,3 @@ def _autocast_if_mixed(pipeline, device: torch.device):
         return contextlib.nullcontext()
     low = torch.float16 if torch.float16 in dtypes else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=low)
-
-
-# ------------------------------------------------------------------------------------- CLI
-
-
-def add_sampler_arguments(parser) -> None:
-    """The sampling flags shared by ``diffpo eval`` and ``diffpo pairs from-images``."""
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the family's, e.g. 30 for SD/SDXL, 28 for SD3/Flux, 25 for toy:base)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's, e.g. 7.5 SD, 5.0 SDXL, 7.0 SD3, 3.5 Flux, 3.0 toy:base)")
-    parser.add_argument("--resolution", type=int, default=None, help="square image side in pixels (default: the model's)")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampling scheduler (default: the family's: ddim SD, euler SDXL, flow_euler SD3/Flux)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the models to this dtype for sampling (default: as loaded, float32)")
-    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload: one sub-model on the GPU at a time (less memory, slower)")
-    parser.add_argument("--vae-tiling", action="store_true", help="decode latents in tiles (large images, less memory)")
-    parser.add_argument("--vae-slicing", action="store_true", help="decode one image of a batch at a time (less memory)")
-
-
-def sampler_options(args) -> dict[str, Any]:
-    """The ``SamplerSettings`` fields the flags of ``add_sampler_arguments`` set (None: default)."""
-    return {
-        "num_inference_steps": args.steps, "guidance_scale": args.guidance, "resolution": args.resolution, "scheduler": args.scheduler,
-        "dtype": args.dtype, "cpu_offload": args.cpu_offload, "vae_tiling": args.vae_tiling, "vae_slicing": args.vae_slicing,
-    }

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from diffpo.cache import CachedPairDataset, check_meta, collate_cached
+from diffpo.data.cache import CachedPairDataset, check_meta, collate_cached
 from diffpo.checkpoint import last_checkpoint_note, list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
@@ -93,7 +93,7 @@ def pair_errors(
     """Per-sample errors of the trained network (and of the reference when given) on one batch.
 
     One forward pass over the 2B inputs [winners; losers] with shared noise and timestep per pair.
-    A batch from a latent cache (``diffpo.cache``) brings its latents and conditioning along.
+    A batch from a latent cache (``diffpo.data.cache``) brings its latents and conditioning along.
     ``loser_prompt="rejected"`` conditions the losers on the batch's ``rejected_prompts``
     (DreamBooth's class prompts) instead of the pair's prompts.
     """
@@ -120,6 +120,12 @@ def pair_errors(
             ref_prediction = family.predict(components, ref_net, noised.noisy, noised.timesteps, cond)
         out["ref_w"], out["ref_l"] = split_pairs(per_sample_error(ref_prediction, noised.target))
     return out
+
+
+def example_labels(batch: dict) -> dict[str, torch.Tensor]:
+    """``desirable_w`` / ``desirable_l`` (bool, (B,)) of a batch of unpaired examples, two per row;
+    empty for preference pairs. Losses with ``examples="unpaired"`` need them (``LossSpec``)."""
+    return {key: batch[key] for key in ("desirable_w", "desirable_l") if key in batch}
 
 
 def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
@@ -304,6 +310,17 @@ def setup_data(cfg: Config, accelerator, spec: LossSpec, cache_dir: Path | None 
     records, report = load_pair_records(cfg.data, seed=cfg.seed)
     if accelerator.is_main_process:
         logger.info(report.summary())
+    unpaired = records[0].labels is not None
+    if spec.examples == "unpaired" and not unpaired:
+        raise TrainingError(
+            f"{cfg.data.source}: loss '{spec.name}' learns from unpaired examples (single images labelled desirable or not) and this "
+            "source holds preference pairs; set data.unpaired=true to split each pair (chosen desirable, rejected not), or use a "
+            "source in the unpaired format (README, Data formats)"
+        )
+    if spec.examples == "pairs" and unpaired:
+        raise TrainingError(f"{cfg.data.source}: loss '{spec.name}' needs preference pairs, and this data is unpaired examples (data.format or data.unpaired); use loss.name=kto, or a pair source")
+    if spec.loser_prompt == "rejected" and cfg.data.cache:
+        raise TrainingError(f"data.cache: loss '{spec.name}' conditions the second image of a row on its own prompt, and the latent cache holds one prompt per row; train without data.cache")
     if spec.loser_prompt == "rejected" and (missing := [r.row for r in records if r.rejected_prompt is None]):
         raise TrainingError(f"{cfg.data.source}, row {missing[0]}: loss '{spec.name}' conditions the rejected image on the pair's rejected_prompt (the class prompt), and {len(missing)} pair(s) have none; build the pairs with `diffpo pairs from-images --rejected-prompts`")
     global_batch = tc.batch_size * accelerator.num_processes
@@ -383,10 +400,12 @@ def make_trainable(components: Components, cfg: Config, spec: LossSpec, device: 
 
 
 def compile_model(model: Model, mode: str) -> None:
-    """Regional torch.compile (``train.compile``) of the trained network and a frozen reference copy."""
-    compile_network(_unwrap(model.network), mode)
+    """torch.compile (``train.compile``) of the trained network and a frozen reference copy;
+    ``regional`` compiles the blocks the family declares (``Family.compile_blocks``)."""
+    blocks = model.components.family.compile_blocks
+    compile_network(_unwrap(model.network), mode, blocks)
     if model.reference is not None and model.reference.frozen is not None:
-        compile_network(model.reference.frozen, mode)
+        compile_network(model.reference.frozen, mode, blocks)
 
 
 def setup_optimizer(cfg: Config, network: torch.nn.Module, device: torch.device | str, num_processes: int = 1) -> Optim:
@@ -588,6 +607,7 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
         micro_step += 1
         with accelerator.accumulate(model.network):
             errors = pair_errors(model.components, model.network, batch, generators, model.reference, sample_vae, accelerator.autocast, spec.loser_prompt)
+            errors.update(example_labels(batch))  # unpaired examples' desirable/undesirable labels (Diffusion-KTO)
             loss = spec(**errors, **hparams).mean()
             # Backward without first asking whether the loss is finite (that question is a host
             # sync): end_window reads all of the window's losses at once, and a window with a

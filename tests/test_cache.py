@@ -8,8 +8,8 @@ import pytest
 import yaml
 import torch
 
-from diffpo import cache as cache_module
-from diffpo.cache import CacheError, build_cache
+from diffpo.data import cache as cache_module
+from diffpo.data.cache import CacheError, build_cache
 from diffpo.cli import main
 from diffpo.config import config_from_dict
 from diffpo.train import train

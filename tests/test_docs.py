@@ -2,7 +2,7 @@
 
 Commands are extracted from README.md, BENCHMARKS.md, CONTRIBUTING.md, benchmarks/*.md (```bash blocks and inline
 `diffpo ...` spans), the shipped configs' comments (configs/*.yaml) and module docstrings
-(diffpo/, benchmarks/), then checked by the cheapest check that still catches drift:
+(diffpo/, benchmarks/, studies/), then checked by the cheapest check that still catches drift:
 
 - ``run``: a full ``diffpo`` command (hub ids mapped to tiny models, ``--device cuda`` to cpu,
   optional ``[...]`` parts kept) runs in-process with ``--dry-run``: the real argument parser,
@@ -153,7 +153,7 @@ def from_docstrings(path: Path) -> list[Command]:
 def all_commands() -> list[Command]:
     commands = [c for path in DOC_FILES for c in from_markdown(path)]
     commands += [c for path in sorted((REPO / "configs").glob("*.yaml")) for c in from_config_comments(path)]
-    for package in ("diffpo", "benchmarks"):
+    for package in ("diffpo", "benchmarks", "studies"):
         commands += [c for path in sorted((REPO / package).rglob("*.py")) for c in from_docstrings(path)]
     return commands
 
@@ -349,7 +349,7 @@ def test_the_docs_quote_commands():
 def test_documented_command_runs(command, capsys, tmp_path, monkeypatch):
     sandbox = tmp_path / "cwd"  # relative outputs land here; the repo's folders are reachable
     sandbox.mkdir()
-    for entry in ("configs", "data", "scripts", "benchmarks", "diffpo"):
+    for entry in ("configs", "data", "scripts", "benchmarks", "diffpo", "studies"):
         (sandbox / entry).symlink_to(REPO / entry)
     monkeypatch.chdir(sandbox)
     try:

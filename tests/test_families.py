@@ -176,3 +176,24 @@ def test_prompt_encoding_matches_the_pipeline(family, model_cache):
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key])
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_what_a_family_declares_matches_its_tiny_model(family, model_cache):
+    """The class attributes other code reads (family: auto, tiny ids, compile blocks, the
+    benchmarks' encoder classes and pooled key) are true of the model the family builds."""
+    from diffpo.fastpath import compile_network, compiled_regions
+    from diffpo.models import resolve_pretrained
+
+    cls = FAMILIES[family]
+    assert family in cls.tiny_models  # tiny:<family> is declared by the family itself
+    components = load_components(ModelConfig(pretrained=resolve_pretrained(f"tiny:{family}", model_cache)))
+    assert type(components.family) is cls  # family: auto went through detect_pipeline_classes
+    assert tuple(type(e).__name__ for e in components.text_encoders) == cls.text_encoder_classes
+    with torch.no_grad():
+        cond = cls().encode_prompts(components, ["a red circle"])
+    assert (set(cond) - {"encoder_hidden_states"}) == ({cls.pooled_text_key} if cls.pooled_text_key else set())
+    network = components.network
+    compile_network(network, "regional", cls.compile_blocks)
+    compiled = {type(network.get_submodule(name)).__name__ for name in compiled_regions(network)}
+    assert compiled == set(cls.compile_blocks)  # every declared block exists, nothing else compiled

@@ -84,10 +84,11 @@ def test_bf16_weight_training_resumes_exactly_and_saves_float32_masters(tmp_path
 
 
 def test_regional_compile_marks_the_repeated_blocks():
+    from diffpo.models import FAMILIES
     from diffpo.tiny import tiny_unet
 
     unet = tiny_unet(4, 16)
-    compile_network(unet, "regional")
+    compile_network(unet, "regional", FAMILIES["sd"].compile_blocks)
     names = compiled_regions(unet)
     assert any("resnets" in n for n in names) and any("attentions" in n for n in names)
     assert "" not in names  # the network itself stays eager

@@ -132,4 +132,4 @@ def test_rejected_prompt_errors_name_the_option(chosen_dir, tmp_path, capsys):
     assert main(base + ["--rejected-prompts", str(tmp_path / "missing.txt")]) == 2
     assert "--rejected-prompts: no such file" in capsys.readouterr().err
     assert main(base + ["--per-image", "0"]) == 2
-    assert "--per-image must be >= 1, got 0" in capsys.readouterr().err
+    assert "per_image (--per-image): must be >= 1, got 0" in capsys.readouterr().err

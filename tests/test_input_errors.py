@@ -131,9 +131,7 @@ DEVICE_COMMANDS = {
     "toy pretrain": ["toy", "pretrain", "--out", "{tmp}/base", "--steps", "1"],
     "pairs from-images": ["pairs", "from-images", "--chosen", "{tmp}", "--prompts", "captions", "--base", "tiny:sd", "--out", "{tmp}/p"],
     "eval": ["eval", "--model", "tiny:sd", "--lora", "{tmp}/run", "--prompts", "shapes-heldout", "--scorers", "shapes_color", "--out", "{tmp}/e"],
-    "toy compare": ["toy", "compare", "--out", "{tmp}/cmp", "--seeds", "0"],
     "demo": ["demo", "--out", "{tmp}/demo"],
-    "toy personalize": ["toy", "personalize", "--out", "{tmp}/pers", "--seeds", "0"],
 }
 
 
@@ -148,52 +146,6 @@ def test_cuda_without_cuda_is_one_line_in_every_command(command, tmp_path, capsy
     assert not any(tmp_path.iterdir())  # refused before anything was written
     code, _, err = run_cli([*argv, "--device", "gpu0"], capsys)
     assert code == 2 and "not a torch device" in err
-
-
-# ---- toy compare -------------------------------------------------------------------------------
-
-
-def test_compare_exits_nonzero_naming_failed_runs(tmp_path, capsys, monkeypatch):
-    from diffpo.toy import compare as compare_module
-
-    def fake_pairs(settings, model, out, progress=False):
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "pairs.jsonl").write_text("")
-        return out / "pairs.jsonl"
-
-    def fake_run(settings, run_dir, **kwargs):
-        if settings.loss == "dmpo":
-            raise RuntimeError("boom")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        report = {"method": settings.loss, "win_rate": 0.6, "win_rate_ci": [0.5, 0.7], "reward_tuned": 1.0, "reward_base": 0.5,
-                  "faithfulness_tuned": 0.9, "faithfulness_base": 0.9, "diversity_tuned": 1.0, "diversity_base": 1.0, "seconds_per_step": 0.1}
-        (run_dir / "report.json").write_text(json.dumps(report))
-
-    monkeypatch.setattr(compare_module, "build_pairs", fake_pairs)
-    monkeypatch.setattr(compare_module, "run_experiment", fake_run)
-    monkeypatch.setattr("diffpo.toy.base.load_toy_model", lambda base, device: None)
-    out = tmp_path / "cmp"
-    common = ["toy", "compare", "--out", str(out), "--losses", "mapo,dmpo", "--settings", "style:outline:0.5", "--seeds", "0,1"]
-    code, stdout, err = run_cli(common, capsys)
-    assert code == 1
-    assert "2 of 4 expected runs are missing" in err and "style:outline:0.5 dmpo seed 0: RuntimeError: boom" in err
-    assert "| style:outline:0.5 | mapo |" in stdout
-    assert "dmpo seed 1: RuntimeError: boom" in (out / "results.md").read_text()
-    assert run_cli([*common, "--allow-partial"], capsys)[0] == 0
-
-    # --collect-only over seeds that never ran names each missing (setting, objective, seed)
-    code, _, err = run_cli([*common[:-1], "0,1,2", "--collect-only"], capsys)
-    assert code == 1
-    assert "4 of 6 expected runs are missing" in err and "mapo seed 2: no report.json" in err
-    assert run_cli([*common[:-1], "0,1,2", "--collect-only", "--allow-partial"], capsys)[0] == 0
-
-
-def test_compare_bad_arguments_are_one_line(tmp_path, capsys):
-    for extra, needle in [(["--settings", "style:x"], "--settings: bad setting"), (["--losses", "dpo"], "--losses: unknown loss 'dpo'"),
-                          (["--seeds", "0,x"], "--seeds '0,x'"), (["--hparam", "beta"], "--hparam 'beta'")]:
-        code, _, err = run_cli(["toy", "compare", "--out", str(tmp_path / "c"), *extra], capsys)
-        assert code == 2, extra
-        assert_one_line_error(err, needle)
 
 
 # ---- CLI-wide: one line, -v for the traceback, --dry-run ----------------------------------------

@@ -15,9 +15,15 @@ def t(*values):
 
 def test_registry_contract():
     assert set(LOSSES) >= {"sft", "diffusion_dpo", "mapo", "dmpo"}
-    assert {n: s.needs_reference for n, s in LOSSES.items()} == {"sft": False, "diffusion_dpo": True, "dreambooth": False, "mapo": False, "dmpo": True}
-    # Only DreamBooth conditions the loser on its own (class) prompt; a preference needs one prompt.
-    assert {n for n, s in LOSSES.items() if s.loser_prompt == "rejected"} == {"dreambooth"}
+    assert {n: s.needs_reference for n, s in LOSSES.items()} == {
+        "sft": False, "diffusion_dpo": True, "dreambooth": False, "mapo": False, "dmpo": True, "fdpo": True, "kto": True,
+    }
+    # A preference needs one prompt: only DreamBooth (class prompt) and KTO (unpaired examples,
+    # each with its own prompt) condition the second image on another prompt.
+    assert {n for n, s in LOSSES.items() if s.loser_prompt == "rejected"} == {"dreambooth", "kto"}
+    assert {n for n, s in LOSSES.items() if s.examples == "unpaired"} == {"kto"}
+    assert dict(LOSSES["fdpo"].hparams) == {"beta": 5000.0, "divergence": "reverse_kl", "f_beta": 1.0, "alpha": 0.5}
+    assert dict(LOSSES["kto"].hparams) == {"beta": 1000.0, "lambda_desirable": 1.0, "lambda_undesirable": 1.0}
     assert dict(LOSSES["mapo"].hparams) == {"beta": 0.1, "snr_value": 0.5, "num_train_timesteps": 1000}
     assert dict(LOSSES["diffusion_dpo"].hparams) == {"beta": 5000.0}
     assert LOSSES["dmpo"].hparams["alpha"] == pytest.approx(math.log(999))
@@ -173,6 +179,8 @@ def test_losses_are_per_pair_shape_and_differentiable():
         err_w = torch.rand(5, requires_grad=True)
         err_l = torch.rand(5)
         ref = dict(ref_w=torch.rand(5), ref_l=torch.rand(5)) if spec.needs_reference else {}
+        if spec.examples == "unpaired":
+            ref.update(desirable_w=torch.tensor([True, False, True, True, False]), desirable_l=torch.tensor([False] * 5))
         loss = spec(err_w, err_l, **ref)
         assert loss.shape == (5,), name
         loss.mean().backward()
@@ -196,3 +204,134 @@ def test_dmpo_pushes_harder_than_dpo_at_zero_margin_and_goes_flat_past_alpha():
     assert _dL_dh("dmpo", 2 * alpha) > 0  # past alpha: a pull back ...
     assert 0 < _dL_dh("dmpo", 3 * alpha) < 1e-7  # ... that has faded to nothing at 3 alpha
     assert _dL_dh("dmpo", 44.0) < 1e-15  # the margins the shapes-world runs logged
+
+
+# ----------------------------------------------------------------------------------------------
+# f-DPO (issue 18): Wang et al. 2023's logit f_beta * (f'(u_w) - f'(u_l)) on Diffusion-DPO's estimate
+# log u_i = -0.5 * beta * (err_i - ref_i) / f_beta.
+# ----------------------------------------------------------------------------------------------
+
+# err_w 0.1, err_l 0.2, ref_w 0.15, ref_l 0.1, beta 10, f_beta 1: log u_w = 0.25, log u_l = -0.5.
+_FDPO_ERRORS = (t(0.1), t(0.2), t(0.15), t(0.1))
+
+
+@pytest.mark.parametrize(
+    "divergence, logit",
+    [
+        # forward KL, f'(u) = -1/u:              -e^-0.25 + e^0.5                         = 0.8699204876
+        ("forward_kl", 0.8699204876287233),
+        # Jensen-Shannon, f'(u) = log(2u/(1+u)): log(2e^.25/(1+e^.25)) - log(2e^-.5/(1+e^-.5)) = 0.3981375643
+        ("js", 0.39813756430126296),
+        # alpha = 0.5, f'(u) = (1 - u^-a)/a:     2(1 - e^-0.125) - 2(1 - e^0.25)          = 0.8030570282
+        ("alpha", 0.8030570282062919),
+        # reverse KL, f'(u) = log u + 1:         0.25 - (-0.5)                            = 0.75 (DPO's h)
+        ("reverse_kl", 0.75),
+    ],
+)
+def test_fdpo_hand_computed(divergence, logit):
+    loss = LOSSES["fdpo"](*_FDPO_ERRORS, beta=10.0, divergence=divergence, alpha=0.5)
+    assert_close(loss, t(math.log1p(math.exp(-logit))))
+    m = LOSSES["fdpo"].metrics(*_FDPO_ERRORS, beta=10.0, divergence=divergence, alpha=0.5)
+    assert m["margin"] == pytest.approx(logit) and m["implicit_accuracy"] == 1.0
+
+
+def test_fdpo_reverse_kl_is_diffusion_dpo_exactly():
+    torch.manual_seed(0)
+    errors = [torch.rand(64, dtype=torch.float32) for _ in range(4)]
+    for beta in (1.0, 5000.0):
+        for f_beta in (1.0, 0.1, 7.0):  # the split of the reward cancels for the reverse KL
+            fdpo = LOSSES["fdpo"](*errors, beta=beta, divergence="reverse_kl", f_beta=f_beta)
+            assert torch.equal(fdpo, LOSSES["diffusion_dpo"](*errors, beta=beta))
+
+
+def test_fdpo_limits_of_the_alpha_divergence():
+    from diffpo.losses import fdpo_loss
+
+    torch.manual_seed(1)
+    errors = [torch.rand(16, dtype=torch.float64) * 1e-3 for _ in range(4)]
+    reverse = fdpo_loss(*errors, beta=5000.0, divergence="reverse_kl")
+    forward = fdpo_loss(*errors, beta=5000.0, divergence="forward_kl")
+    # alpha -> 0: the reverse KL (f' -> log u); alpha = 1: the forward KL's logit exactly (1 - 1/u vs -1/u)
+    assert_close(fdpo_loss(*errors, beta=5000.0, divergence="alpha", alpha=1e-7), reverse, rtol=1e-5, atol=1e-6)
+    assert_close(fdpo_loss(*errors, beta=5000.0, divergence="alpha", alpha=1.0), forward)
+    # Since diffusion errors give only f_beta * log u, the alpha member at f_beta equals the forward
+    # KL at f_beta / alpha (documented in fdpo_logit): the family is one-parameter on this estimate.
+    assert_close(fdpo_loss(*errors, beta=5000.0, divergence="alpha", alpha=0.25, f_beta=2.0), fdpo_loss(*errors, beta=5000.0, divergence="forward_kl", f_beta=8.0))
+
+
+def test_fdpo_every_member_is_log2_at_the_reference_and_falls_as_the_preference_grows():
+    for divergence in ("reverse_kl", "forward_kl", "js", "alpha"):
+        same = LOSSES["fdpo"](t(0.3), t(0.2), t(0.3), t(0.2), beta=10.0, divergence=divergence)
+        assert_close(same, t(math.log(2)))
+        better = LOSSES["fdpo"](t(0.25), t(0.2), t(0.3), t(0.2), beta=10.0, divergence=divergence)
+        assert better < same, divergence
+
+
+def test_fdpo_stays_finite_far_from_the_reference():
+    # a winner 10 units of error worse than the reference: log u_w = -25000; exp(25000) overflows
+    far = LOSSES["fdpo"](t(10.0), t(0.0), t(0.0), t(0.0), divergence="forward_kl")
+    assert torch.isfinite(far).all() and far.item() > 1e30
+
+
+def test_fdpo_divergence_is_a_checked_choice():
+    with pytest.raises(ValueError, match=r"loss.divergence=kl: outside the range of 'fdpo' divergence, \{reverse_kl, forward_kl, js, alpha\}"):
+        LOSSES["fdpo"](*_FDPO_ERRORS, divergence="kl")
+    with pytest.raises(ValueError, match=r"loss.alpha=1: outside"):
+        LOSSES["fdpo"](*_FDPO_ERRORS, alpha=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion-KTO (issue 18): unpaired examples, two per row.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_kto_hand_computed():
+    from diffpo.losses import kto_loss
+
+    # g = -(err - ref) = [0.1, -0.1]; mean 0 -> z_ref = 0; beta 10:
+    # desirable: 1 - sigmoid(10 * 0.1) = 0.2689414 ; undesirable: 1 - sigmoid(-10 * -0.1) = 0.2689414
+    loss = kto_loss(t(0.1, 0.3), t(0.2, 0.2), torch.tensor([True, False]), beta=10.0)
+    assert_close(loss, t(0.2689414213699951, 0.2689414213699951))
+    # g = [0.2, 0.1]; z_ref = 0.15: desirable 1 - sigmoid(0.5) = 0.3775407, undesirable (lambda_u = 2) 2 * (1 - sigmoid(0.5))
+    loss = kto_loss(t(0.1, 0.1), t(0.3, 0.2), torch.tensor([True, False]), beta=10.0, lambda_undesirable=2.0)
+    assert_close(loss, t(0.3775406687981454, 0.7550813375962908))
+    # a negative mean log-ratio is clamped: z_ref = max(0, -0.2) = 0 -> 1 - sigmoid(10 * -0.2)
+    assert_close(kto_loss(t(0.4), t(0.2), torch.tensor([True]), beta=10.0), t(1 - 1 / (1 + math.exp(2.0))))
+
+
+def test_kto_reference_point_carries_no_gradient():
+    from diffpo.losses import kto_loss
+
+    err = t(0.1, 0.3).requires_grad_()
+    kto_loss(err, t(0.2, 0.2), torch.tensor([True, True]), beta=10.0).sum().backward()
+    # z_ref = 0.0 (mean of [0.1, -0.1]); dL_i/derr_i = beta * s(1-s) at x_i, and nothing through z_ref
+    s0, s1 = 1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(1.0))
+    assert_close(err.grad, t(10 * s0 * (1 - s0), 10 * s1 * (1 - s1)))
+
+
+def test_kto_all_desirable_at_small_beta_moves_like_sft():
+    """Issue 18's limiting case: with every image desirable, d loss / d err = beta * s'(x) -> beta/4
+    as beta -> 0, so KTO's gradient is SFT's scaled by beta/4 (same direction)."""
+    torch.manual_seed(0)
+    err_w, err_l = torch.rand(8, dtype=torch.float64, requires_grad=True), torch.rand(8, dtype=torch.float64, requires_grad=True)
+    ref_w, ref_l = torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    yes = torch.ones(8, dtype=torch.bool)
+    beta = 1e-4
+    LOSSES["kto"](err_w, err_l, ref_w, ref_l, desirable_w=yes, desirable_l=yes, beta=beta).mean().backward()
+    # SFT on all 16 images: d mean(err) / d err_i = 1/16
+    assert_close(err_w.grad, torch.full((8,), beta / 4 / 16, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert_close(err_l.grad, torch.full((8,), beta / 4 / 16, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_kto_rows_average_their_two_examples_and_need_labels():
+    from diffpo.losses import kto_loss
+
+    err_w, err_l, ref_w, ref_l = t(0.1, 0.2), t(0.3, 0.1), t(0.2, 0.2), t(0.2, 0.3)
+    yes_no, no_yes = torch.tensor([True, False]), torch.tensor([False, True])
+    rows = LOSSES["kto"](err_w, err_l, ref_w, ref_l, desirable_w=yes_no, desirable_l=no_yes, beta=10.0)
+    each = kto_loss(torch.cat([err_w, err_l]), torch.cat([ref_w, ref_l]), torch.cat([yes_no, no_yes]), beta=10.0)
+    assert_close(rows, (each[:2] + each[2:]) / 2)
+    m = LOSSES["kto"].metrics(err_w, err_l, ref_w, ref_l, desirable_w=yes_no, desirable_l=no_yes, beta=10.0)
+    assert 0.0 <= m["implicit_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="unpaired examples: it needs their labels"):
+        LOSSES["kto"](err_w, err_l, ref_w, ref_l)

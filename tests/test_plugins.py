@@ -28,6 +28,8 @@ from diffpo.models import Components, StableDiffusionFamily, resolve_pretrained
 
 THIRD_PARTY = '''
 """A third-party diffpo plugin: one of each registration."""
+from dataclasses import dataclass
+
 CALLS = []
 
 
@@ -41,15 +43,21 @@ class Constant:
         return {{"name": self.name, "model": None}}
 
 
-def cmd(args):
-    print("hello from {name}", args.who)
+@dataclass
+class HelloOptions:
+    who: str = "world"
+    """Whom to greet."""
+
+
+def cmd(options):
+    print("hello from {name}", options.who)
     return 0
 
 
 def register_cli(sub):
-    p = sub.add_parser("{name}-hello", help="say hello")
-    p.add_argument("--who", default="world")
-    p.set_defaults(func=cmd)
+    from diffpo.options import add_command
+
+    add_command(sub, "{name}-hello", HelloOptions, cmd, help="say hello")
 
 
 def register():
@@ -98,6 +106,11 @@ def test_a_third_party_plugin_registers_through_its_entry_point(registries, tmp_
     assert load_scorer("acme_score").score([None, None], ["x", "y"]) == [0.5, 0.5]
     assert main(["acme-hello", "--who", "you"]) == 0
     assert capsys.readouterr().out == "hello from acme you\n"
+    assert main(["acme-hello", "who=them"]) == 0  # a plugin's options take overrides (and --config) like the core's
+    assert capsys.readouterr().out == "hello from acme them\n"
+    with pytest.raises(SystemExit):
+        main(["acme-hello", "--help"])
+    assert "Whom to greet. (default: world)" in capsys.readouterr().out
     import acme
 
     assert acme.CALLS == [1]  # registered once, however many registries asked

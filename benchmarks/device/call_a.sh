@@ -3,7 +3,7 @@
 # and issue 3's method comparison, each job on its own GPU so that none shares a card.
 #   GPU 0: SDXL 1024px, 4 pairs: the public recipe against the fast path (the headline ratios)
 #   GPU 1: SDXL LoRA cases and the remaining objectives, then SD 1.5 512px, 16 pairs
-#   GPU 2/3: the shapes-world comparison (style settings / reward setting), 3 seeds each
+#   GPU 2: the shapes-world comparison (python -m studies.compare; GPU 3 idle)
 # Results go to $OUT (bench JSON, profiles, compare reports) as a few files.
 set -u
 OUT=${OUT:-/tmp/diffpo_out}
@@ -29,9 +29,9 @@ CUDA_VISIBLE_DEVICES=0 timeout $LIMIT $B --arch $XL --pairs 4 \
     --out "$OUT/sd15.json" > "$OUT/logs/sd15.log" 2>&1
 ) &
 
-C="python3 -m diffpo toy compare --out $OUT/compare --device $DEV --workers 3 --seeds 0,1,2 --steps $CMP_STEPS --eval-per-prompt $CMP_EVAL $CMP_EXTRA"
-CUDA_VISIBLE_DEVICES=2 timeout $LIMIT $C --settings style:outline:0.5,style:outline:1.0 > "$OUT/logs/compare_style.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=3 timeout $LIMIT $C --settings reward:size > "$OUT/logs/compare_reward.log" 2>&1 &
+# issue 17's protocol (studies/compare.py): sweep on training seeds, selection, 5 evaluation seeds
+CUDA_VISIBLE_DEVICES=2 timeout $LIMIT python3 -m studies.compare --out $OUT/compare --device $DEV --workers 12 --deadline-s $((LIMIT - 60)) \
+  --steps $CMP_STEPS --eval-per-prompt $CMP_EVAL $CMP_EXTRA > "$OUT/logs/compare.log" 2>&1 &
 wait
 nvidia-smi > "$OUT/logs/nvidia-smi-end.txt" 2>&1
 # the compare folders hold images and checkpoints: keep the reports only, in one archive

@@ -68,7 +68,15 @@ class PairDataset(Dataset):
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             tensors.append(to_tensor(image))
         rejected_prompt = record.rejected_prompt or record.prompt
-        return {"pixels_w": tensors[0], "pixels_l": tensors[1], "prompt": record.prompt, "rejected_prompt": rejected_prompt, "index": index}
+        item = {"pixels_w": tensors[0], "pixels_l": tensors[1], "prompt": record.prompt, "rejected_prompt": rejected_prompt, "index": index}
+        return item | example_labels(record)
+
+
+def example_labels(record: PairRecord) -> dict:
+    """``desirable_w`` / ``desirable_l`` of a record of two unpaired examples; {} for a pair."""
+    if record.labels is None:
+        return {}
+    return {"desirable_w": torch.tensor(record.labels[0]), "desirable_l": torch.tensor(record.labels[1])}
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -77,5 +85,6 @@ def collate_pairs(items: list[dict]) -> dict:
         "pixels_l": torch.stack([it["pixels_l"] for it in items]),
         "prompts": [it["prompt"] for it in items],
         "rejected_prompts": [it["rejected_prompt"] for it in items],
+        **{key: torch.stack([it[key] for it in items]) for key in ("desirable_w", "desirable_l") if key in items[0]},
         "indices": torch.tensor([it["index"] for it in items]),
     }

@@ -1,27 +1,20 @@
-"""Reading preference pairs from disk or the hub into validated ``PairRecord``s.
+"""Reading preference pairs into validated ``PairRecord``s, whatever the source's format.
 
-Two on-disk formats:
+A format (``diffpo.data.format``; the built-ins are ``diffpo.data.formats.manifest``, diffpo's own
+JSONL pairs, and ``diffpo.data.formats.pickapic``, datasets-library tables) turns ``data.source``
+into raw rows; ``data.format: auto`` picks it from the source. This module checks every row before
+training: an undecodable image, a missing caption or a label outside {0, 0.5, 1} is counted and
+skipped with a warning naming the row, or stops the run under ``data.strict``. Ties are dropped by
+default (the papers' scripts do) or ordered at random.
 
-* **manifest**: a JSONL file (or a folder holding ``pairs.jsonl``), one pair a line:
-  ``{"prompt": "...", "chosen": "img/a.png", "rejected": "img/b.png"}``; image paths are relative
-  to the manifest's folder. Every diffpo tool that writes pairs writes this format. An optional
-  ``rejected_prompt`` says what the rejected image was generated from when that differs from the
-  pair's prompt (personalization: the class prompt); only objectives that condition the loser on
-  it (DreamBooth's prior preservation) use it. A row with ``"tie": true`` (``diffpo label`` writes them)
-  says the two images are equally good: it is read as label 0.5, which ``data.ties`` handles.
-* **pickapic**: a datasets-library table (hub id, parquet/arrow files, a ``save_to_disk`` folder or
-  a JSON/JSONL table) in the Pick-a-Pic schema: ``caption``, ``jpg_0``, ``jpg_1`` (encoded image
-  bytes) and ``label_0`` in {1, 0, 0.5} (1: image 0 preferred, 0: image 1 preferred, 0.5: tie).
-  ``data.columns`` maps other column names onto these four.
-
-Every row is validated before training: an undecodable image, a missing caption or a label outside
-{0, 0.5, 1} is counted and skipped with a warning naming the row, or stops the run under
-``data.strict``. Ties are dropped by default (the papers' scripts do) or ordered at random.
+Unpaired examples (single images labelled desirable or not: an unpaired format, or pairs split by
+``data.unpaired``) become ``PairRecord``s too, two examples per record in a seeded shuffle, each with
+its own prompt and label (``PairRecord.labels``): the trainer's batches stay rows of two images
+(``diffpo.losses.LossSpec.examples``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -29,24 +22,20 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from PIL import Image
 
 from diffpo.config import DataConfig
+from diffpo.data.format import DataError, RawExample, RawPair, resolve_format
 
 logger = logging.getLogger(__name__)
-
-PICKAPIC_COLUMNS = {"caption": "caption", "image_0": "jpg_0", "image_1": "jpg_1", "label_0": "label_0"}
-
-
-class DataError(ValueError):
-    """Bad preference data; the message names the file/source, the row and the problem."""
 
 
 @dataclass(frozen=True)
 class PairRecord:
-    """One preference pair. Images are a path or encoded bytes, decoded lazily."""
+    """One preference pair, or two unpaired examples (``labels`` set). Images are a path or encoded
+    bytes, decoded lazily."""
 
     prompt: str
     chosen: str | bytes
@@ -55,6 +44,9 @@ class PairRecord:
     rejected_prompt: str | None = None
     """The prompt the rejected image belongs to, when it is not ``prompt`` (manifest key
     ``rejected_prompt``); None otherwise."""
+    labels: tuple[bool, bool] | None = None
+    """Two unpaired examples in one record: whether the first (``chosen``, on ``prompt``) and the
+    second image (``rejected``, on ``rejected_prompt``) is desirable. None for a preference pair."""
 
     def open(self, which: str) -> Image.Image:
         return open_image(getattr(self, which))
@@ -69,8 +61,17 @@ class LoadReport:
     skipped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
+    desirable: int | None = None
+    """Unpaired data: how many kept examples are desirable (the rest are not)."""
+    examples_kept: int = 0
+    odd_dropped: int = 0
+
     def summary(self) -> str:
         bad = ", ".join(f"{n} {why}" for why, n in self.skipped.items()) or "none"
+        if self.desirable is not None:
+            odd = f", {self.odd_dropped} left over (odd count)" if self.odd_dropped else ""
+            return (f"{self.source}: {self.examples_kept} unpaired examples ({self.desirable} desirable, {self.examples_kept - self.desirable} not) "
+                    f"in {self.kept} rows of two{odd}, from {self.rows} rows; ties dropped {self.ties_dropped}; bad rows skipped: {bad}")
         return f"{self.source}: {self.kept} pairs kept of {self.rows} rows; ties dropped {self.ties_dropped}; bad rows skipped: {bad}"
 
 
@@ -93,159 +94,15 @@ def _check_image(ref: Any) -> str | None:
     return None
 
 
-def _image_ref(value: Any) -> str | bytes | None:
-    """Normalise what a datasets column can hold: bytes, {'bytes','path'}, a PIL image, a path."""
-    if isinstance(value, dict):
-        return value.get("bytes") or value.get("path")
-    if isinstance(value, Image.Image):
-        buffer = io.BytesIO()
-        value.save(buffer, format="PNG")
-        return buffer.getvalue()
-    return value
-
-
-# ----------------------------------------------------------------------------------------------
-# Raw rows from each source kind: (row index, prompt, image_0, image_1, label_0, rejected_prompt)
-# ----------------------------------------------------------------------------------------------
-
-
-def _read_lines(path: Path) -> list[str]:
-    """The file's lines, or a DataError naming it (unreadable, not UTF-8 text)."""
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file (a JSONL manifest is one JSON object a line)") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-
-
-def _manifest_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any, Any, Any]]:
-    base = path.parent
-    lines = _read_lines(path)
-    if not any(line.strip() for line in lines):
-        raise DataError(f"{path}: empty pair manifest (no rows)")
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield i, None, None, None, f"not valid JSON ({err.msg})", None
-            continue
-        if not isinstance(item, dict):
-            yield i, None, None, None, "not a JSON object", None
-            continue
-        chosen, rejected = item.get("chosen"), item.get("rejected")
-        chosen = str(base / chosen) if isinstance(chosen, str) else chosen
-        rejected = str(base / rejected) if isinstance(rejected, str) else rejected
-        # A row marked "tie" (diffpo label) is label 0.5, so data.ties drops or orders it.
-        label = 0.5 if item.get("tie") is True else 1.0
-        yield i, item.get("prompt"), chosen, rejected, label, item.get("rejected_prompt")
-
-
-_LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow", ".csv"}
-
-
-def looks_local(source: str) -> bool:
-    """A path rather than a hub id: a file suffix, or an explicit relative/absolute/home path."""
-    return Path(source).suffix in _LOCAL_SUFFIXES or source.startswith(("/", ".", "~")) or source.count("/") > 1
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    """datasets logs its own read errors before raising; we raise one DataError line instead."""
-    ds_logger = logging.getLogger("datasets")
-    level = ds_logger.level
-    ds_logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        ds_logger.setLevel(level)
-
-
-def _open_table(source: str, split: str):
-    import datasets
-
-    path = Path(source)
-    if looks_local(source) and not path.exists():
-        raise DataError(f"data.source: no such file or folder: {source}")
-    if path.is_dir() and (path / "state.json").is_file():
-        table = datasets.load_from_disk(str(path))
-        return table[split] if isinstance(table, datasets.DatasetDict) else table
-    if path.is_file():
-        kind = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
-        if kind is None:
-            raise DataError(f"{source}: unsupported file type '{path.suffix}' (use .jsonl, .json, .parquet or .arrow)")
-        try:
-            with _quiet_datasets():
-                return datasets.load_dataset(kind, data_files=str(path), split="train")
-        except Exception as err:  # datasets raises many types for an empty, truncated or unreadable file
-            raise DataError(f"{source}: cannot read it as a {kind} table ({type(err).__name__}: {err})".replace("\n", " ")) from None
-    if path.is_dir():
-        try:
-            return datasets.load_dataset(str(path), split=split)
-        except Exception as err:
-            raise DataError(f"{source}: cannot load this folder as a dataset (split '{split}'; {type(err).__name__}: {err})".replace("\n", " ")) from None
-    try:
-        return datasets.load_dataset(source, split=split)
-    except Exception as err:
-        raise DataError(f"cannot load dataset '{source}' (split '{split}'): {err}") from None
-
-
-def _table_rows(table, columns: dict[str, str], source: str) -> Iterator[tuple[int, Any, Any, Any, Any, None]]:
-    import datasets
-
-    missing = [c for c in columns.values() if c not in table.column_names]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {', '.join(missing)} (have: {', '.join(table.column_names)}); map them with data.columns")
-    for key in ("image_0", "image_1"):  # keep encoded bytes; decoding happens per batch
-        if isinstance(table.features.get(columns[key]), datasets.Image):
-            table = table.cast_column(columns[key], datasets.Image(decode=False))
-    for i, item in enumerate(table):
-        yield i, item[columns["caption"]], _image_ref(item[columns["image_0"]]), _image_ref(item[columns["image_1"]]), item[columns["label_0"]], None
-
-
-def _detect_format(source: str) -> str:
-    path = Path(source)
-    if path.is_dir():
-        return "manifest" if (path / "pairs.jsonl").is_file() else "pickapic"
-    if path.suffix in (".jsonl", ".json") and path.is_file():
-        # An empty file would reach the datasets loader, which fails with a bare StopIteration.
-        first = next((line for line in _read_lines(path) if line.strip()), None)
-        if first is None:
-            raise DataError(f"{path}: empty file (no pairs)")
-        if path.suffix == ".json":
-            return "pickapic"
-        try:
-            keys = set(json.loads(first))
-        except (json.JSONDecodeError, TypeError):
-            return "manifest"  # let the manifest reader name the bad row
-        return "manifest" if {"chosen", "rejected"} & keys else "pickapic"
-    return "pickapic"
-
-
-def _raw_rows(cfg: DataConfig) -> Iterable[tuple[int, Any, Any, Any, Any, Any]]:
-    fmt = _detect_format(cfg.source) if cfg.format == "auto" else cfg.format
-    if fmt == "manifest":
-        path = Path(cfg.source)
-        path = path / "pairs.jsonl" if path.is_dir() else path
-        if not path.is_file():
-            raise DataError(f"pair manifest not found: {path}")
-        return _manifest_rows(path)
-    unknown = set(cfg.columns) - set(PICKAPIC_COLUMNS)
-    if unknown:
-        raise DataError(f"data.columns: unknown key(s) {', '.join(sorted(unknown))} (valid: {', '.join(PICKAPIC_COLUMNS)})")
-    return _table_rows(_open_table(cfg.source, cfg.split), {**PICKAPIC_COLUMNS, **cfg.columns}, cfg.source)
-
-
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
 
 
-def _row_problem(prompt: Any, image_0: Any, image_1: Any, label: Any, rejected_prompt: Any = None) -> str | None:
-    if isinstance(label, str) and label.startswith("not "):  # a parse error passed through
-        return label
+def _row_problem(raw: RawPair) -> str | None:
+    if raw.problem is not None:  # the format could not parse the row
+        return raw.problem
+    prompt, image_0, image_1, label, rejected_prompt = raw.prompt, raw.image_0, raw.image_1, raw.label_0, raw.rejected_prompt
     if not isinstance(prompt, str) or not prompt.strip():
         return "missing caption"
     if rejected_prompt is not None and (not isinstance(rejected_prompt, str) or not rejected_prompt.strip()):
@@ -263,34 +120,122 @@ def _row_problem(prompt: Any, image_0: Any, image_1: Any, label: Any, rejected_p
     return None
 
 
+_TRUE_WORDS, _FALSE_WORDS = {"true", "yes", "1"}, {"false", "no", "0"}
+
+
+def _desirable(value: Any) -> bool | None:
+    """An example's label as a bool: True/False, 1/0, or those words; None if it is none of these."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    return None
+
+
+def _example_problem(raw: RawExample) -> str | None:
+    if raw.problem is not None:
+        return raw.problem
+    if not isinstance(raw.prompt, str) or not raw.prompt.strip():
+        return "missing caption"
+    if _desirable(raw.desirable) is None:
+        return f"desirable {raw.desirable!r} is not true/false (or 1/0)"
+    problem = _check_image(raw.image)
+    return f"image: {problem}" if problem else None
+
+
+def _skip(cfg: DataConfig, report: LoadReport, row: int, problem: str) -> None:
+    message = f"{cfg.source}, row {row}: {problem}"
+    if cfg.strict:
+        raise DataError(message + " (data.strict is set; fix or remove the row)")
+    report.skipped[problem.split(" (")[0].split(":")[0]] += 1
+    if len(report.examples) < 5:
+        logger.warning("skipping bad row: %s", message)
+    report.examples.append(message)
+
+
+def pack_examples(examples: list[tuple[int, str, str | bytes, bool]], seed: int) -> tuple[list[PairRecord], int]:
+    """Unpaired examples ``(row, prompt, image, desirable)`` -> records of two, in a shuffle seeded
+    by ``seed`` (so a split pair's two images rarely share a record: nothing is paired). An odd
+    example out is dropped; returns (records, how many were dropped)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    records = []
+    for a, b in zip(order[0::2], order[1::2]):
+        (row, prompt, image, good), (_, prompt_b, image_b, good_b) = examples[a], examples[b]
+        records.append(PairRecord(prompt=prompt, chosen=image, rejected=image_b, row=row, rejected_prompt=prompt_b, labels=(good, good_b)))
+    return records, len(examples) % 2
+
+
+def _load_examples(cfg: DataConfig, fmt, report: LoadReport, seed: int) -> list[PairRecord]:
+    """An unpaired format's rows, validated, packed two per record."""
+    examples = []
+    for raw in fmt.read(cfg):
+        report.rows += 1
+        problem = _example_problem(raw)
+        if problem:
+            _skip(cfg, report, raw.row, problem)
+            continue
+        examples.append((raw.row, raw.prompt.strip(), raw.image, _desirable(raw.desirable)))
+        if cfg.max_pairs is not None and len(examples) >= 2 * cfg.max_pairs:
+            break
+    return _packed(examples, report, seed)
+
+
+def _packed(examples: list, report: LoadReport, seed: int) -> list[PairRecord]:
+    records, report.odd_dropped = pack_examples(examples, seed)
+    report.examples_kept = 2 * len(records)
+    report.desirable = sum(sum(r.labels) for r in records)
+    return records
+
+
+def split_pairs(records: list[PairRecord], report: LoadReport, seed: int) -> list[PairRecord]:
+    """``data.unpaired``: each pair -> its chosen image (desirable) and its rejected image (not),
+    each on its own prompt, packed two per record by ``pack_examples``."""
+    examples = []
+    for r in records:
+        examples.append((r.row, r.prompt, r.chosen, True))
+        examples.append((r.row, r.rejected_prompt or r.prompt, r.rejected, False))
+    return _packed(examples, report, seed)
+
+
 def load_pair_records(cfg: DataConfig, seed: int = 0) -> tuple[list[PairRecord], LoadReport]:
-    """Read, validate and order every pair; bad rows are skipped (or raise under ``strict``)."""
+    """Read, validate and order every pair; bad rows are skipped (or raise under ``strict``).
+    Unpaired data (an unpaired format, or ``data.unpaired``) comes back as records of two
+    labelled examples (``PairRecord.labels``)."""
     report = LoadReport(source=cfg.source)
     tie_rng = random.Random(seed)
     records: list[PairRecord] = []
-    for row, prompt, image_0, image_1, label, rejected_prompt in _raw_rows(cfg):
+    fmt = resolve_format(cfg)
+    if fmt.rows == "unpaired":
+        records = _load_examples(cfg, fmt, report, seed)
+        report.kept = len(records)
+        if report.skipped:
+            logger.warning("%s", report.summary())
+        if not records:
+            raise DataError(f"{cfg.source}: fewer than two usable examples ({report.summary()})")
+        return records, report
+    for raw in fmt.read(cfg):
         report.rows += 1
-        problem = _row_problem(prompt, image_0, image_1, label, rejected_prompt)
+        row = raw.row
+        problem = _row_problem(raw)
         if problem:
-            message = f"{cfg.source}, row {row}: {problem}"
-            if cfg.strict:
-                raise DataError(message + " (data.strict is set; fix or remove the row)")
-            report.skipped[problem.split(" (")[0].split(":")[0]] += 1
-            if len(report.examples) < 5:
-                logger.warning("skipping bad row: %s", message)
-            report.examples.append(message)
+            _skip(cfg, report, row, problem)
             continue
-        label = float(label)
+        label = float(raw.label_0)
         if label == 0.5:
             if cfg.ties == "drop":
                 report.ties_dropped += 1
                 continue
             label = float(tie_rng.random() < 0.5)
-        chosen, rejected = (image_0, image_1) if label == 1.0 else (image_1, image_0)
-        rejected_prompt = rejected_prompt.strip() if rejected_prompt is not None else None
-        records.append(PairRecord(prompt=prompt.strip(), chosen=chosen, rejected=rejected, row=row, rejected_prompt=rejected_prompt))
+        chosen, rejected = (raw.image_0, raw.image_1) if label == 1.0 else (raw.image_1, raw.image_0)
+        rejected_prompt = raw.rejected_prompt.strip() if raw.rejected_prompt is not None else None
+        records.append(PairRecord(prompt=raw.prompt.strip(), chosen=chosen, rejected=rejected, row=row, rejected_prompt=rejected_prompt))
         if cfg.max_pairs is not None and len(records) >= cfg.max_pairs:
             break
+    if cfg.unpaired and records:
+        records = split_pairs(records, report, seed)
     report.kept = len(records)
     if report.skipped:
         logger.warning("%s", report.summary())

@@ -10,31 +10,61 @@ settings reuses the saved images and only scores again.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffpo.config import ConfigError
 from diffpo.evaluate.prompts import load_prompts, prompt_set_names
 from diffpo.evaluate.run import EvalError, evaluate_models, format_table, load_tuned, write_report
 from diffpo.evaluate.scorers import Scorer, load_scorer, scorer_names
-from diffpo.sampling import SamplerSettings, add_sampler_arguments, sampler_options
+from diffpo.options import add_command
+from diffpo.sampling import SamplerSettings
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+@dataclass
+class EvalOptions:
+    model: str
+    """Base model: hub id, local diffusers folder, or tiny:sd."""
+    prompts: str
+    """A .txt/.jsonl file or a built-in set (``diffpo.evaluate.prompts``, e.g. shapes-heldout)."""
+    scorers: list[str]
+    """Comma-separated reward models (``diffpo.evaluate.scorers``, e.g. pickscore,hpsv21)."""
+    out: Path
+    """Output folder: report.md, results.json, scores.jsonl, grid.png, images/."""
+    lora: str | None = None
+    """The tuned model as a LoRA: a training run (or its final/ folder), or a .safetensors file."""
+    checkpoint: str | None = None
+    """The tuned model as a checkpoint-N folder written by diffpo train."""
+    tuned_model: str | None = None
+    """The tuned model as a full fine-tuned pipeline: local folder or hub id."""
+    images_per_prompt: int = 4
+    """Images per prompt and model."""
+    seed: int = 0
+    """Image j of each prompt uses seed SEED+j for both models."""
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    batch_size: int = 64
+    """Images per sampling batch."""
+    device: str = "cpu"
+    """Torch device for sampling and scoring."""
+    max_prompts: int | None = None
+    """Evaluate only the first K prompts."""
 
-
-def _scorer_names(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    valid = scorer_names()
-    if not names:
-        raise EvalError(f"--scorers: no scorer names in '{text}' (valid: {', '.join(valid)})")
-    unknown = [name for name in names if name not in valid]
-    if unknown:
-        raise EvalError(f"unknown scorer(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    return names
+    def __post_init__(self):
+        tuned = [name for name in ("lora", "checkpoint", "tuned_model") if getattr(self, name) is not None]
+        if len(tuned) != 1:
+            raise ConfigError(f"lora / checkpoint / tuned_model: give exactly one tuned model (--lora, --checkpoint or --tuned-model), got {len(tuned) or 'none'}")
+        for key in ("images_per_prompt", "batch_size", "max_prompts"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        valid = scorer_names()
+        if not self.scorers:
+            raise ConfigError(f"scorers: no scorer names (valid: {', '.join(valid)})")
+        unknown = [name for name in self.scorers if name not in valid]
+        if unknown:
+            raise ConfigError(f"scorers: unknown scorer(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        if self.prompts in prompt_set_names():  # a built-in set loads now; a file is read when the command runs
+            load_prompts(self.prompts)
 
 
 def _load_scorer(name: str, device: str) -> Scorer:
@@ -45,58 +75,34 @@ def _load_scorer(name: str, device: str) -> Scorer:
         raise EvalError(f"cannot load scorer '{name}': {err}") from err
 
 
-def validate_eval(args: argparse.Namespace) -> None:
-    """``--dry-run``: scorer names and (for a built-in set) the prompt set; no weights loaded."""
-    _scorer_names(args.scorers)
-    if args.prompts in prompt_set_names():
-        load_prompts(args.prompts)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(options: EvalOptions) -> int:
     """Load prompts and scorers first (cheap, fail fast), then the models, then sample and score."""
-    names = _scorer_names(args.scorers)
-    prompts = load_prompts(args.prompts)[: args.max_prompts]
-    scorers = {name: _load_scorer(name, args.device) for name in names}
-    sampler = {**sampler_options(args), "batch_size": args.batch_size}
-    SamplerSettings.from_any({k: v for k, v in sampler.items() if k != "batch_size"})  # bad flags fail before loading
-    base, tuned = load_tuned(args.model, lora=args.lora, checkpoint=args.checkpoint, tuned_model=args.tuned_model)
+    o = options
+    prompts = load_prompts(o.prompts)[: o.max_prompts]
+    scorers = {name: _load_scorer(name, o.device) for name in o.scorers}
+    base, tuned = load_tuned(o.model, lora=o.lora, checkpoint=o.checkpoint, tuned_model=o.tuned_model)
     results = evaluate_models(
         base,
         tuned,
         prompts,
-        images_per_prompt=args.images_per_prompt,
-        seed=args.seed,
+        images_per_prompt=o.images_per_prompt,
+        seed=o.seed,
         scorers=scorers,
-        sampler=sampler,
-        out_dir=args.out,
-        device=args.device,
+        sampler={**o.sampler.as_dict(), "batch_size": o.batch_size},
+        out_dir=o.out,
+        device=o.device,
     )
-    results["prompt_set"] = args.prompts
-    write_report(results, args.out)
+    results["prompt_set"] = o.prompts
+    write_report(results, o.out)
     print(format_table(results))
-    print(f"report: {args.out / 'report.md'}")
+    print(f"report: {o.out / 'report.md'}")
     return 0
 
 
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
+def register_cli(sub) -> None:
+    add_command(
+        sub, "eval", EvalOptions, cmd_eval,
         help="compare a tuned model with its base on the same prompts and seeds",
         description="Compare a tuned model with its base on the same prompts and seeds. Writes OUT/report.md, "
         "results.json, scores.jsonl (per image), grid.png and images/; a re-run with the same settings reuses the images.",
     )
-    p.add_argument("--model", required=True, help="base model: hub id, local diffusers folder, or tiny:sd")
-    tuned = p.add_mutually_exclusive_group(required=True)
-    tuned.add_argument("--lora", help="LoRA: a training run (or its final/ folder), or a .safetensors file")
-    tuned.add_argument("--checkpoint", help="a checkpoint-N folder written by diffpo train")
-    tuned.add_argument("--tuned-model", help="a full fine-tuned pipeline: local folder or hub id")
-    p.add_argument("--prompts", required=True, help=f"a .txt/.jsonl file or a built-in set ({', '.join(prompt_set_names())})")
-    p.add_argument("--scorers", required=True, help=f"comma-separated reward models: {', '.join(scorer_names())}")
-    p.add_argument("--images-per-prompt", type=_positive_int, default=4, help="images per prompt and model (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed SEED+j for both models")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    add_sampler_arguments(p)
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per sampling batch (default 64)")
-    p.add_argument("--device", default="cpu", help="torch device for sampling and scoring (default cpu)")
-    p.add_argument("--max-prompts", type=_positive_int, default=None, help="evaluate only the first K prompts")
-    p.set_defaults(func=cmd_eval, validate=validate_eval)

@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -36,25 +37,43 @@ TOY_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_
 
 @dataclass
 class DemoSettings:
-    task: str = "style"
-    style: str = "outline"
+    task: Literal["style", "reward"] = "style"
+    """style: chosen = the prompt rendered in a style the base never makes, rejected = a base sample;
+    reward: two base samples per prompt ranked by a programmatic reward."""
+    style: Literal["outline", "striped"] = "outline"
+    """The style task's target style."""
     severity: float = 0.5
+    """How far the style is from the base's solid fill, in [0, 1]."""
     reward: str = "size"
+    """The reward task's judge (``diffpo.toy.rewards``: saturation, centering, size, faithful_size)."""
     label_noise: float = 0.0
+    """Reward task: this fraction of the labels is flipped (seeded), as a noisy human judge would."""
     tie_margin: float = 0.0
+    """Reward task: reward differences at most this are labelled a tie (0.5)."""
     loss: str = "mapo"
-    loss_hparams: dict[str, float] = field(default_factory=dict)
+    """The objective (``diffpo losses``)."""
+    loss_hparams: dict[str, float] = field(default_factory=dict, metadata={"flag": "--hparam"})
+    """Objective hparams over the shapes world's defaults, e.g. ``--hparam beta=0.05`` (repeatable)."""
     pairs_per_prompt: int = 4
+    """Preference pairs built per training prompt."""
     steps: int = 60
+    """Optimizer steps."""
     batch_size: int = 16
-    learning_rate: float = 5e-5
+    """Pairs per optimizer step."""
+    learning_rate: float = field(default=5e-5, metadata={"flag": "--lr"})
+    """Learning rate."""
     lora_rank: int = 0
     """0: full fine-tuning; otherwise LoRA of this rank on every conv and attention layer."""
     eval_per_prompt: int = 16
+    """Evaluation images per held-out prompt and model."""
     seed: int = 0
+    """Seed of the pairs, the training run and (plus 10000) the evaluation images."""
     device: str = "cpu"
+    """Torch device for sampling and training."""
     num_inference_steps: int = 10
+    """Sampling steps for the pairs and the evaluation."""
     guidance_scale: float = 3.0
+    """Guidance scale for the pairs and the evaluation."""
 
     def __post_init__(self):
         if self.task not in TASKS:

@@ -44,12 +44,19 @@ def shapes_all() -> list[str]:
     return [p.text for p in all_prompts()]
 
 
+def register_cli(sub) -> None:
+    """``diffpo demo`` and ``diffpo toy ...``; imported when the parser is built, since their options
+    (``DemoSettings``) pull in the trainer."""
+    from diffpo.toy import cli
+
+    cli.register_cli(sub)
+
+
 def register() -> None:
     from diffpo.cli import register_command
     from diffpo.evaluate.prompts import register_prompt_set
     from diffpo.family import PixelSampler, register_pixel_sampler
     from diffpo.models import register_model_resolver
-    from diffpo.toy.cli import register_cli
     from diffpo.toy.sampling import PIXEL_SAMPLING, build_sampler
     from diffpo.toy.scorers import register_shapes_scorers
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from diffpo.config import ConfigError, flattened
+from diffpo.options import add_command
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -19,62 +22,77 @@ def _need_web(command: str) -> bool:
     return True
 
 
-def cmd_label(args: argparse.Namespace) -> int:
+@dataclass
+class ServerOptions:
+    port: int = 8000
+    """Port (0 picks a free one)."""
+    host: str = DEFAULT_HOST
+    """Address to listen on (127.0.0.1: this machine only)."""
+
+
+@dataclass
+class LabelOptions:
+    out: Path
+    """Pair dataset folder: answers go to OUT/pairs.jsonl."""
+    images: Path | None = None
+    """DIR/<prompt-folder>/ with prompt.txt (or a caption .txt per image) and 2+ images each."""
+    candidates: Path | None = None
+    """A JSONL of {id, prompt, images}, e.g. from diffpo pairs candidates."""
+    server: ServerOptions = flattened(ServerOptions)
+
+    def __post_init__(self):
+        if (self.images is None) == (self.candidates is None):
+            raise ConfigError("images / candidates: give exactly one source of candidates (--images or --candidates)")
+
+
+@dataclass
+class ViewOptions:
+    eval_dir: Path = field(metadata={"positional": True})
+    """The --out folder of diffpo eval."""
+    server: ServerOptions = flattened(ServerOptions)
+
+
+def cmd_label(o: LabelOptions) -> int:
     if not _need_web("label"):
         return 2
     from diffpo.web import candidates
     from diffpo.web.label_app import LabelSession, create_app
 
-    source = candidates.from_folder(args.images) if args.images else candidates.from_jsonl(args.candidates)
-    session = LabelSession(source, args.out)
+    source = candidates.from_folder(o.images) if o.images else candidates.from_jsonl(o.candidates)
+    session = LabelSession(source, o.out)
     state = session.state()
     print(f"{len(source.tasks)} prompts from {source.root}; {state['answered']} already answered in {session.manifest.path}", flush=True)
-    return _serve(create_app(session), args, "label")
+    return _serve(create_app(session), o.server, "label")
 
 
-def cmd_view(args: argparse.Namespace) -> int:
+def cmd_view(o: ViewOptions) -> int:
     if not _need_web("view"):
         return 2
     from diffpo.web.view_app import EvalFolderError, create_app
 
     try:
-        app = create_app(args.eval_dir)
+        app = create_app(o.eval_dir)
     except EvalFolderError as err:
         print(f"diffpo view: error: {err}", file=sys.stderr)
         return 2
-    return _serve(app, args, "view")
+    return _serve(app, o.server, "view")
 
 
-def _serve(app, args: argparse.Namespace, command: str) -> int:
+def _serve(app, server: ServerOptions, command: str) -> int:
     from diffpo.web.server import serve
 
     try:
-        return serve(app, args.host, args.port, command)
+        return serve(app, server.host, server.port, command)
     except OSError as err:  # the port is taken, or the address is not this machine's
         print(f"diffpo {command}: error: {err}", file=sys.stderr)
         return 2
 
 
-def _server_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
-
-
 def register_cli(sub) -> None:
-    p = sub.add_parser(
-        "label",
+    add_command(
+        sub, "label", LabelOptions, cmd_label,
         help="label preference pairs by hand in a local web page",
         description="Serve a page that shows a prompt with its candidate images; every answer (left/right, the best of N, or a tie) "
         "is appended to OUT/pairs.jsonl, the manifest diffpo train reads. A restart resumes where it stopped.",
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="DIR/<prompt-folder>/ with prompt.txt (or a caption .txt per image) and 2+ images each")
-    source.add_argument("--candidates", type=Path, help="a JSONL of {id, prompt, images}, e.g. from diffpo pairs candidates")
-    p.add_argument("--out", required=True, type=Path, help="pair dataset folder: answers go to OUT/pairs.jsonl")
-    _server_flags(p)
-    p.set_defaults(func=cmd_label)
-
-    p = sub.add_parser("view", help="browse an evaluation (diffpo eval --out folder) in a local web page")
-    p.add_argument("eval_dir", type=Path, help="the --out folder of diffpo eval")
-    _server_flags(p)
-    p.set_defaults(func=cmd_view)
+    add_command(sub, "view", ViewOptions, cmd_view, help="browse an evaluation (diffpo eval --out folder) in a local web page")

@@ -1,0 +1,1 @@
+"""Extensions written the way a user would write them, one file each, used by tests/test_extending.py."""
