@@ -16,7 +16,8 @@ A case is ``RECIPE/OBJECTIVE/MODE``:
   encoders), bf16 weights with float32 masters (``diffpo.fastpath.MasterWeightAdamW``, fused),
   SDPA attention, one fused [winners; losers] batch, the reference as disabled adapters under LoRA.
   ``diffpo+compile`` adds regional torch.compile; ``diffpo+ckpt`` gradient checkpointing (memory);
-  ``+cl`` the channels_last memory format;
+  ``+cl`` the channels_last memory format; ``+ckpt=down_blocks.1:up_blocks.1`` checkpoints only
+  those blocks (``model.gradient_checkpointing: [down_blocks.1, up_blocks.1]``);
   ``diffpo-fp32`` keeps float32 weights under autocast (what FSDP shards: its own mixed precision
   computes in bf16 from float32 shards).
 - OBJECTIVE: ``sft``, ``diffusion_dpo``, ``mapo``, ``dmpo``, or ``unet`` (the UNet's forward and
@@ -52,6 +53,8 @@ from benchmarks.archs import ARCHS, Arch, build_encoders, build_unet
 
 OBJECTIVES = ("sft", "diffusion_dpo", "mapo", "dmpo", "unet")
 RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo-fp32", "diffpo-fp32+ckpt")
+RECIPE_BASES = ("public", "diffpo", "diffpo-fp32")
+RECIPE_OPTIONS = ("compile", "ckpt", "cl")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
 DEFAULT_CASES = (
     "public/mapo/full", "public/diffusion_dpo/full",
     "diffpo/sft/full", "diffpo/mapo/full", "diffpo/diffusion_dpo/full", "diffpo/dmpo/full",
@@ -74,8 +77,11 @@ class Case:
             recipe, objective, mode = text.split("/")
         except ValueError:
             raise SystemExit(f"--cases: {text!r} is not RECIPE/OBJECTIVE/MODE") from None
-        if recipe not in RECIPES or objective not in OBJECTIVES or mode not in ("full", "lora"):
-            raise SystemExit(f"--cases: {text!r}: recipe in {RECIPES}, objective in {OBJECTIVES}, mode full|lora")
+        base, *options = recipe.split("+")
+        options_ok = base != "public" or not options
+        options_ok &= all(o in RECIPE_OPTIONS or (o.startswith("ckpt=") and len(o) > 5) for o in options)
+        if base not in RECIPE_BASES or not options_ok or objective not in OBJECTIVES or mode not in ("full", "lora"):
+            raise SystemExit(f"--cases: {text!r}: recipe in {RECIPES} (or +ckpt=BLOCK:BLOCK for selective checkpointing), objective in {OBJECTIVES}, mode full|lora")
         return cls(recipe, objective, mode)
 
     @property
@@ -99,8 +105,12 @@ class Case:
         return "+cl" in self.recipe
 
     @property
-    def checkpointing(self) -> bool:
-        return self.public or "+ckpt" in self.recipe
+    def checkpointing(self) -> bool | list[str]:
+        """True (every block), False, or the blocks that checkpoint (``+ckpt=down_blocks.1:up_blocks.1``)."""
+        for option in self.recipe.split("+")[1:]:
+            if option.startswith("ckpt="):
+                return option[5:].split(":")
+        return self.public or "ckpt" in self.recipe.split("+")[1:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,16 +250,17 @@ class Setup:
         from torch.utils.flop_counter import FlopCounterMode
 
         one = self._batch(1)
-        was_checkpointing = self.unet.is_gradient_checkpointing if hasattr(self.unet, "is_gradient_checkpointing") else False
-        if was_checkpointing:
-            self.unet.disable_gradient_checkpointing()
+        # every block's own flag (selective checkpointing sets some only), restored afterwards
+        flags = {m: m.gradient_checkpointing for m in self.unet.modules() if hasattr(m, "gradient_checkpointing")}
+        for module in flags:
+            module.gradient_checkpointing = False
         counter = FlopCounterMode(display=False)
         with counter:
             self.forward_backward(0, one)
         for p in self.unet.parameters():
             p.grad = None
-        if was_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+        for module, flag in flags.items():
+            module.gradient_checkpointing = flag
         return float(counter.get_total_flops())
 
 
@@ -455,7 +466,13 @@ def main(argv=None) -> dict:
         vae.requires_grad_(False).eval()  # float32: SDXL's VAE config forces the upcast
         encoders = (vae, text_encoders, tokenizers)
     flops_cache: dict = {}
-    for case in args.cases:
+    for i, case in enumerate(args.cases):
+        if encoders is not None and not any(c.public for c in args.cases[i:]):
+            # the public recipe's VAE and text encoders (~2 GiB) must not count in later cases' peaks
+            encoders = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         row = run_case(arch, case, args, device, encoders, result["bf16_peak_flops"], flops_cache, accelerator)
         result["rows"].append(row)
         if main_process:

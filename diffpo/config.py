@@ -91,8 +91,10 @@ class ModelConfig:
     variant: str | None = None
     """Weight file variant to load, e.g. ``fp16``; None: the full-precision files."""
     lora: LoraConfig = field(default_factory=LoraConfig)
-    gradient_checkpointing: bool = False
-    """Recompute the trained network's activations in the backward pass: less memory, slower steps."""
+    gradient_checkpointing: bool | list[str] = False
+    """Recompute activations in the backward pass instead of keeping them: ``true`` for every block,
+    or a list of module names to checkpoint only those blocks (``[down_blocks.1, up_blocks.1]``):
+    less memory saved, less time spent (``diffpo.fastpath.set_gradient_checkpointing``)."""
     latent_sampling: Literal["sample", "mode"] = "sample"
     """How VAE latents are taken: a sample of the posterior (what the papers' code does) or its
     mode (deterministic; used by the latent cache equality check)."""
@@ -200,6 +202,10 @@ class TrainConfig:
     compile: Literal["none", "regional", "full"] = "none"
     """torch.compile of the trained network: ``regional`` compiles each repeated block (seconds),
     ``full`` the whole network (minutes). Same results, faster steps on GPUs."""
+    compile_cache_dir: str | None = None
+    """Where torch.compile keeps its caches (``~`` expands), so that a later run's first step skips
+    compilation; null: PyTorch's default, ``/tmp/torchinductor_$USER``, lost on reboot
+    (``diffpo.fastpath.use_compile_cache``)."""
     channels_last: bool = False
     """channels_last memory format for the trained network (convolutions on tensor cores)."""
     checkpoint_every: int = 50

@@ -19,6 +19,8 @@ mixed-precision settings instead (``train.weight_dtype=bf16`` is refused there).
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Collection, Iterable, Literal
 
 import torch
@@ -143,3 +145,62 @@ def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[st
 def compiled_regions(network: nn.Module) -> list[str]:
     """Names of the modules compiled by ``compile_network`` (for tests and logs)."""
     return [name for name, module in network.named_modules() if getattr(module, "_compiled_call_impl", None) is not None]
+
+
+def use_compile_cache(path: str | Path | None) -> Path | None:
+    """Keep torch.compile's caches in ``path`` (``train.compile_cache_dir``), so that a later run
+    starts from compiled code instead of compiling again.
+
+    Inductor's on-disk caches (FX graphs, AOTAutograd graphs, autotuning results) and Triton's
+    kernel binaries go to ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR``; PyTorch's default is
+    ``/tmp/torchinductor_$USER``, which a reboot (or a fresh cloud machine) empties. Both are read
+    when compilation first needs them, so this must run before the first compiled call. A
+    ``TRITON_CACHE_DIR`` the user set already is kept. Dynamo still traces the Python code in every
+    new process (seconds per region); what the cache skips is the graph compilation after it (the
+    FX-graph and AOTAutograd caches are on by default in PyTorch >= 2.6; this only moves them).
+    """
+    if path is None:
+        return None
+    cache = Path(path).expanduser().resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    logger.info("torch.compile caches in %s", cache)
+    return cache
+
+
+def set_gradient_checkpointing(network: nn.Module, setting: bool | list[str]) -> list[str]:
+    """Gradient checkpointing of every block (``True``), of none (``False``), or of the blocks under
+    the given module names only (e.g. ``["down_blocks.1", "up_blocks.1"]``): their activations are
+    recomputed in the backward pass, the others' kept. Returns the names of the modules that
+    checkpoint.
+
+    Selective checkpointing trades less compute for less memory than checkpointing everything:
+    on SDXL each block's saved activations are roughly proportional to its forward FLOPs, so
+    checkpointing the blocks that hold a fraction f of the activations costs about f of one extra
+    forward pass (BENCHMARKS.md, issue 16). A name matches a module whose dotted name contains it
+    as whole components (``up_blocks.1`` matches ``up_blocks.1.attentions.0`` and, under LoRA,
+    ``base_model.model.up_blocks.1``, but not ``up_blocks.10``)."""
+    if not setting:
+        return []
+    network.enable_gradient_checkpointing()  # diffusers sets each block's flag and its checkpoint function
+    if setting is True:
+        return [name for name, module in network.named_modules() if getattr(module, "gradient_checkpointing", False)]
+    prefixes = list(setting)
+    names = [name for name, _ in network.named_modules()]
+    unknown = [p for p in prefixes if not any(_under(name, p) for name in names)]
+    if unknown:
+        raise ValueError(f"model.gradient_checkpointing: no module named {unknown[0]!r} in {type(network).__name__} (e.g. {', '.join(n for n in names if n.count('.') == 1)[:200]})")
+    chosen = []
+    for name, module in network.named_modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = any(_under(name, p) for p in prefixes)
+            if module.gradient_checkpointing:
+                chosen.append(name)
+    if not chosen:
+        raise ValueError(f"model.gradient_checkpointing: none of {prefixes} holds a block that can checkpoint")
+    return chosen
+
+
+def _under(name: str, prefix: str) -> bool:
+    return f".{prefix}." in f".{name}."

@@ -30,7 +30,7 @@ from diffpo.data.cache import CachedPairDataset, check_meta, collate_cached
 from diffpo.checkpoint import last_checkpoint_note, list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
-from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer
+from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer, set_gradient_checkpointing, use_compile_cache
 from diffpo.losses import LossSpec, get_loss
 from diffpo.models import Components, Reference, add_lora, load_components, resolve_family, trainable_parameters
 from diffpo.objectives import noise_pairs, per_sample_error, sample_latents, split_pairs
@@ -148,14 +148,27 @@ def _all_processes(accelerator, flag: bool) -> bool:
     return bool(accelerator.gather(torch.tensor([flag], device=accelerator.device)).all())
 
 
-def _weights_finite(params: list[torch.Tensor]) -> bool:
-    """Whether every trained weight is finite: one fused norm per tensor, a single host sync
-    (an inf/nan element makes its tensor's norm non-finite). Local shards under FSDP."""
+def _weights_finite_flag(params: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every trained weight is finite, as a tensor on the device (no host sync): one fused
+    norm per tensor (an inf/nan element makes its tensor's norm non-finite). Local shards under FSDP."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     local = [p.detach() for p in local if p.numel()]
     if not local:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(local)).float()).all())
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(torch._foreach_norm(local)).float()).all()
+
+
+def _weights_finite(params: list[torch.Tensor]) -> bool:
+    """``_weights_finite_flag`` read on the host (a single sync)."""
+    return bool(_weights_finite_flag(params))
+
+
+def _host_rows(accelerator, values: list[torch.Tensor]) -> list[list[float]]:
+    """Scalars of every process, read with one host sync (and one gather): one row per process."""
+    local = torch.stack([v.detach().float().reshape(()).to(accelerator.device) for v in values]).unsqueeze(0)
+    if accelerator.num_processes > 1:
+        local = accelerator.gather(local)  # (processes, len(values))
+    return local.tolist()
 
 
 def _apply_optimizer_config(optimizer, lr_scheduler, tc) -> None:
@@ -352,6 +365,8 @@ def setup_model(cfg: Config, accelerator, spec: LossSpec, cache_meta: dict | Non
     components = load_components(cfg.model, cache_dir=cache_dir, with_encoders=cache_meta is None or cfg.logging.validation_every > 0)
     set_seed(cfg.seed)  # adapter init must not depend on what loading consumed from the RNG
     model = make_trainable(components, cfg, spec, accelerator.device)
+    if cfg.train.compile != "none":
+        use_compile_cache(cfg.train.compile_cache_dir)
     compile_model(model, cfg.train.compile)
     return model
 
@@ -365,8 +380,10 @@ def make_trainable(components: Components, cfg: Config, spec: LossSpec, device: 
         add_lora(network, cfg.model.lora)
     else:
         network.requires_grad_(True)
-    if cfg.model.gradient_checkpointing:
-        network.enable_gradient_checkpointing()
+    try:
+        set_gradient_checkpointing(network, cfg.model.gradient_checkpointing)
+    except ValueError as err:  # a module name that is not in this network
+        raise TrainingError(str(err)) from None
     network.train()
     reference = Reference(network, use_lora) if spec.needs_reference else None
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
@@ -456,32 +473,80 @@ def micro_batches(accelerator, data: Data, micro_step: int) -> Iterator[dict]:
         epoch, skip = epoch + 1, 0
 
 
-def guarded_step(accelerator, optim: Optim, tc, step: int, output_dir: Path) -> tuple[torch.Tensor | None, str | None]:
-    """The optimizer step at the end of a window whose losses were finite, unless the gradients are
-    not: returns (gradient norm, why the step was skipped or None).
+@dataclass
+class PendingCheck:
+    """The weights-finite check of an optimizer step's update, computed on the device after the
+    step and read at the next host sync: the next step's ``end_window``, or ``check_weights``
+    before anything is saved."""
 
-    A finite loss can still have non-finite gradients (an overflow in the backward pass): check the
-    accumulated, all-reduced gradients after unscaling and before the step. clip_grad_norm_
-    unscales fp16 gradients and returns their total norm (max_norm=inf: measured, not clipped);
-    DeepSpeed clips inside and gives None.
+    step: int
+    flag: torch.Tensor
+
+
+def _nonfinite_weights_error(step: int, output_dir: Path) -> TrainingError:
+    return TrainingError(
+        f"step {step}: the updated weights are not finite (the gradients were); stopped before saving them. "
+        f"Lower train.learning_rate; {last_checkpoint_note(output_dir)}"
+    )
+
+
+def check_weights(accelerator, pending: PendingCheck | None, output_dir: Path) -> None:
+    """Read a pending weights-finite check now (before a save): raise if the update broke a weight."""
+    if pending is not None and not _all_processes(accelerator, bool(pending.flag)):
+        raise _nonfinite_weights_error(pending.step, output_dir)
+
+
+def end_window(accelerator, optim: Optim, tc, spec: LossSpec, hparams: dict, step: int, output_dir: Path, window: list, pending: PendingCheck | None):
+    """The end of an optimizer step's window: check, step, and gather the metrics, with one host
+    sync per optimizer step (two under fp16 loss scaling).
+
+    ``window`` holds each micro-batch's (loss, errors), still on the device. The sync reads, from
+    every process at once: the micro-batches' losses, the gradient norm, and the previous step's
+    weights-finite check (``PendingCheck``). Then, as before these checks were batched into one sync:
+
+    - the previous update made a weight non-finite: stop (nothing was saved since; ``check_weights``
+      also reads the check before every checkpoint and before the final save);
+    - a non-finite loss in any micro-batch on any process: the window is skipped whole (its
+      backward ran, so its gradients are discarded, never applied);
+    - a finite loss can still have non-finite gradients (an overflow in the backward pass): the
+      accumulated, all-reduced gradients' norm is checked before the step. clip_grad_norm_ unscales
+      fp16 gradients and returns their total norm (max_norm=inf: measured, not clipped); DeepSpeed
+      clips inside and gives None.
+
+    Returns (gradient norm, why the step was skipped or None, the window's metrics, the new pending
+    check). Before, each micro-step synced twice (loss finiteness, ``loss.item()``) and each
+    optimizer step twice more (gradient norm, weights): each sync idles the GPU while the host
+    launches the next kernels.
     """
-    scaler = accelerator.scaler  # fp16 only
-    grad_norm = accelerator.clip_grad_norm_(optim.params, tc.max_grad_norm or math.inf)
-    grads_finite = grad_norm is None or _all_processes(accelerator, bool(torch.isfinite(grad_norm)))
+    scaler = accelerator.scaler  # fp16 only: unscaling must wait until the losses are known finite
+    grad_norm = None if scaler is not None else accelerator.clip_grad_norm_(optim.params, tc.max_grad_norm or math.inf)
+    losses = [loss for loss, _ in window]
+    extra = [torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32, device=accelerator.device)]
+    extra.append(pending.flag.float() if pending is not None else torch.ones((), device=accelerator.device))
+    rows = _host_rows(accelerator, losses + extra)  # the sync
+    if pending is not None and min(row[-1] for row in rows) < 1.0:
+        raise _nonfinite_weights_error(pending.step, output_dir)
+    losses_finite = [all(math.isfinite(row[i]) for row in rows) for i in range(len(window))]
+    metrics = [{"loss": rows[accelerator.process_index][i], **spec.metrics(**errors, **hparams)} for i, (_, errors) in enumerate(window) if losses_finite[i]]
+    metrics = [_mean_over_processes(accelerator, {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]})] if metrics else []
+    if not all(losses_finite):
+        return None, "loss", metrics, None
+    if scaler is None:
+        norm = None if grad_norm is None else rows[0][len(window)]
+        grads_finite = norm is None or all(math.isfinite(row[len(window)]) for row in rows)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(optim.params, tc.max_grad_norm or math.inf)
+        norm = None if grad_norm is None else float(grad_norm)
+        grads_finite = grad_norm is None or _all_processes(accelerator, bool(torch.isfinite(grad_norm)))
     if grads_finite or scaler is not None:
         # An fp16 GradScaler must see the overflow itself: it skips the step and lowers its scale.
         optim.optimizer.step()
         optim.lr_scheduler.step()
     if not grads_finite or optim.optimizer.step_was_skipped:
-        return grad_norm, "gradients" if scaler is None or scaler.get_scale() < 1.0 else "fp16 overflow"
-    if not _all_processes(accelerator, _weights_finite(optim.params)):
-        # Cheap backstop (one fused norm per tensor): finite gradients, yet an update made a
-        # weight non-finite. The optimizer state is spent: stop before any save.
-        raise TrainingError(
-            f"step {step + 1}: the updated weights are not finite (the gradients were); stopped before saving them. "
-            f"Lower train.learning_rate; {last_checkpoint_note(output_dir)}"
-        )
-    return grad_norm, None
+        return norm, "gradients" if scaler is None or scaler.get_scale() < 1.0 else "fp16 overflow", metrics, None
+    # Cheap backstop (one fused norm per tensor, read at the next sync): finite gradients, yet an
+    # update made a weight non-finite. The optimizer state is then spent: the run stops before any save.
+    return norm, None, metrics, PendingCheck(step + 1, _weights_finite_flag(optim.params))
 
 
 def step_record(step: int, optim: Optim, window: list[dict], grad_norm, skip_reason: str | None, skipped_total: int, seconds: float) -> dict:
@@ -527,10 +592,13 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
 
     sample_vae = cfg.model.latent_sampling == "sample"  # VAE posterior sample, or its mode
     micro_step = step * tc.gradient_accumulation_steps
-    nonfinite_in_row, window_ok, window = 0, True, []  # window: the metrics of this step's micro-batches
+    nonfinite_in_row, window = 0, []  # window: this step's micro-batches (loss, errors), on the device
+    pending = None  # the last update's weights-finite check, read at the next host sync (end_window)
     progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.loss.name}", disable=not (lc.progress and accelerator.is_local_main_process))
-    step_started = time.perf_counter()
+    step_started = fetched = time.perf_counter()
+    data_seconds = 0.0  # time this step waited for its batches (the loader's workers fell behind)
     for batch in micro_batches(accelerator, data, micro_step) if step < tc.max_steps else ():
+        data_seconds += time.perf_counter() - fetched
         # A pair's draws are keyed by (optimizer step, its place among all pairs of the step), so
         # processes x batch x accumulation can be traded against each other at equal results.
         opt_step, window_index = divmod(micro_step, tc.gradient_accumulation_steps)
@@ -541,17 +609,17 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
             errors = pair_errors(model.components, model.network, batch, generators, model.reference, sample_vae, accelerator.autocast, spec.loser_prompt)
             errors.update(example_labels(batch))  # unpaired examples' desirable/undesirable labels (Diffusion-KTO)
             loss = spec(**errors, **hparams).mean()
-            # Every rank must agree on skipping, or DDP would wait forever for a backward.
-            finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
-            if finite:
-                accelerator.backward(loss)
-                window.append(_mean_over_processes(accelerator, {"loss": loss.item(), **spec.metrics(**errors, **hparams)}))
-            window_ok &= finite  # one non-finite micro-batch spoils the whole window
-            grad_norm, skip_reason = None, None if window_ok else "loss"
-            if accelerator.sync_gradients and window_ok:
-                grad_norm, skip_reason = guarded_step(accelerator, optim, tc, step, output_dir)
+            # Backward without first asking whether the loss is finite (that question is a host
+            # sync): end_window reads all of the window's losses at once, and a window with a
+            # non-finite one is skipped whole, its gradients discarded. Every rank runs the same
+            # backward, so DDP's all-reduce never waits for a rank that skipped.
+            accelerator.backward(loss)
+            window.append((loss.detach(), {k: v.detach() for k, v in errors.items()}))
+            if accelerator.sync_gradients:
+                grad_norm, skip_reason, metrics, pending = end_window(accelerator, optim, tc, spec, hparams, step, output_dir, window, pending)
             optim.optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
+            fetched = time.perf_counter()
             continue  # mid-window: gradients accumulate
 
         # One optimizer step is done (or skipped: nothing applied, nothing saved at this step).
@@ -563,8 +631,11 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
             # fp16 overflows while the loss scale is >= 1 are the scaler's normal search for a scale.
             nonfinite_in_row += skip_reason != "fp16 overflow"
             logger.warning("step %d: non-finite %s, step skipped (%d in a row)", step, skip_reason, nonfinite_in_row)
-        record = step_record(step, optim, window, grad_norm, skip_reason, skipped_total, time.perf_counter() - step_started)
-        window, window_ok = [], True
+        # step_seconds: host time from the end of the previous step; with one sync per step it is
+        # the device's step time once the first steps (compilation) are past.
+        record = step_record(step, optim, metrics, grad_norm, skip_reason, skipped_total, time.perf_counter() - step_started)
+        record["data_seconds"] = data_seconds
+        window = []
         if accelerator.is_main_process and step % lc.log_every == 0:
             log_record(accelerator, cfg, metrics_path, record)
         if nonfinite_in_row >= tc.max_nonfinite_in_row:  # after logging: metrics.jsonl shows every skipped step
@@ -578,12 +649,16 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
             run_validation(accelerator, model.components, accelerator.unwrap_model(model.network), lc, output_dir, step)
         # A skipped step writes no checkpoint: pruning must never trade good ones for it.
         if skip_reason is None and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+            check_weights(accelerator, pending, output_dir)  # never save non-finite weights
+            pending = None
             state = {"step": step, "skipped_steps": skipped_total, "num_processes": accelerator.num_processes, "batch_size": tc.batch_size, "loss": cfg.loss.name, "identity": run.identity}
             save_checkpoint(accelerator, output_dir, step, state, tc.checkpoints_total_limit)
         if step >= tc.max_steps:
             break
-        step_started = time.perf_counter()
+        step_started = fetched = time.perf_counter()
+        data_seconds = 0.0
     progress.close()
+    check_weights(accelerator, pending, output_dir)
 
     final_dir = save_final(cfg, accelerator, model, optim, cache_dir)
     accelerator.end_training()

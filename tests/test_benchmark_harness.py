@@ -51,3 +51,23 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 def test_bad_case_is_a_clear_error():
     with pytest.raises(SystemExit, match="not RECIPE/OBJECTIVE/MODE"):
         train_step.parse_args(["--cases", "diffpo-mapo"])
+
+
+def test_selective_checkpointing_cases_name_their_blocks():
+    case = train_step.Case.parse("diffpo+compile+ckpt=down_blocks.1:up_blocks.2/mapo/full")
+    assert case.compiled and case.checkpointing == ["down_blocks.1", "up_blocks.2"]
+    assert train_step.Case.parse("diffpo+compile+ckpt/mapo/full").checkpointing is True
+    assert train_step.Case.parse("diffpo+compile/mapo/full").checkpointing is False
+    with pytest.raises(SystemExit, match="selective checkpointing"):  # the public recipe is fixed
+        train_step.Case.parse("public+ckpt=down_blocks.1/mapo/full")
+
+
+def test_activation_memory_splits_the_saved_tensors_and_flops_by_block():
+    from benchmarks import activation_memory
+
+    result = activation_memory.measure("tiny-sdxl", 2)
+    blocks = {row["block"]: row for row in result["blocks"]}
+    assert list(blocks) == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    assert 0.8 < sum(row["saved_share"] for row in blocks.values()) <= 1.0  # the rest: conv_in/out, embeddings
+    assert 0.8 < sum(row["forward_flops_share"] for row in blocks.values()) <= 1.0
+    assert all(row["saved_gib"] > 0 for row in blocks.values())

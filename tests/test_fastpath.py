@@ -114,3 +114,81 @@ def test_fsdp_save_rebuilds_a_whole_float32_network_from_the_gathered_state():
     # other ranks take part in the gather but get nothing; without FSDP nothing is gathered
     assert _gather_sharded(SimpleNamespace(**{**vars(fake), "is_main_process": False}), trained) is None
     assert _gather_sharded(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), trained) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: selective gradient checkpointing, the compile cache folder, one host sync per step
+# ---------------------------------------------------------------------------------------------
+
+
+def _unet_grads(unet, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500])
+    cond = torch.randn(2, 8, 32, generator=g)
+    unet.zero_grad(set_to_none=True)
+    unet(x, t, cond).sample.square().mean().backward()
+    return {n: p.grad.clone() for n, p in unet.named_parameters()}
+
+
+def test_selective_checkpointing_flags_only_the_named_blocks_and_keeps_the_gradients():
+    from diffpo.fastpath import set_gradient_checkpointing
+    from diffpo.tiny import tiny_unet
+
+    unet = tiny_unet(4, 16).train()
+    reference = _unet_grads(unet)
+    chosen = set_gradient_checkpointing(unet, ["down_blocks.0"])
+    flags = {n: m.gradient_checkpointing for n, m in unet.named_modules() if hasattr(m, "gradient_checkpointing")}
+    assert len(chosen) > 1 and all(n.startswith("down_blocks.0") for n in chosen)  # the block and its transformer
+    assert {n for n, on in flags.items() if on} == set(chosen)
+    assert any(not on for n, on in flags.items() if n.startswith("up_blocks"))  # the other blocks keep their activations
+    recomputed = _unet_grads(unet)
+    for name, grad in reference.items():  # recomputation changes memory and time, not the gradients
+        assert torch.allclose(recomputed[name], grad, rtol=1e-5, atol=1e-7), name
+    assert len(set_gradient_checkpointing(unet, True)) == len(flags)
+    with pytest.raises(ValueError, match="no module named 'up_blocks.9'"):
+        set_gradient_checkpointing(unet, ["up_blocks.9"])
+
+
+def test_gradient_checkpointing_config_takes_true_false_or_block_names():
+    base = {"model": {"pretrained": "tiny:sd"}, "train": {"mixed_precision": "no"}}
+    assert config_from_dict({**base, "model": {"pretrained": "tiny:sd", "gradient_checkpointing": ["down_blocks.1", "up_blocks.0"]}}).model.gradient_checkpointing == ["down_blocks.1", "up_blocks.0"]
+    assert config_from_dict({**base, "model": {"pretrained": "tiny:sd", "gradient_checkpointing": True}}).model.gradient_checkpointing is True
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing"):
+        config_from_dict({**base, "model": {"pretrained": "tiny:sd", "gradient_checkpointing": 3}})
+
+
+def test_compile_cache_dir_moves_inductor_and_triton_caches(tmp_path, monkeypatch):
+    from diffpo.fastpath import use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert use_compile_cache(None) is None and "TORCHINDUCTOR_CACHE_DIR" not in __import__("os").environ
+    cache = use_compile_cache("~/compile")
+    assert cache == (tmp_path / "compile").resolve() and cache.is_dir()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache) and os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")  # a folder the user chose is kept
+    use_compile_cache(tmp_path / "other")
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "other").resolve())
+
+
+def test_trainer_syncs_the_host_once_per_optimizer_step(tmp_path, pair_dir, model_cache, monkeypatch):
+    """Gradient accumulation 2 over 3 steps: one read of losses, gradient norm and the previous
+    update's weights check per optimizer step (not one per micro-step), and the weights are still
+    checked before each save; the logged metrics stay those of the window."""
+    from diffpo import train as train_module
+
+    reads, checks = [], []
+    host_rows, check_weights = train_module._host_rows, train_module.check_weights
+    monkeypatch.setattr(train_module, "_host_rows", lambda acc, values: reads.append(len(values)) or host_rows(acc, values))
+    monkeypatch.setattr(train_module, "check_weights", lambda acc, pending, out: checks.append(pending is not None) or check_weights(acc, pending, out))
+    out = tmp_path / "sync"
+    train(tiny_run_config(out, pair_dir, train={"max_steps": 3, "gradient_accumulation_steps": 2, "checkpoint_every": 2}), cache_dir=model_cache)
+    assert reads == [2 + 2] * 3  # two micro-batch losses + gradient norm + weights check, once a step
+    assert checks == [True, True, False]  # before checkpoint-2, before checkpoint-3 (the last step); at the end none is pending
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(m["loss"] is not None and m["grad_norm"] > 0 and m["step_seconds"] > 0 and m["data_seconds"] >= 0 for m in metrics)

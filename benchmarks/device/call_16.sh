@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Device call 16, one H200 (nvidia-h200), at most ~9.5 minutes: issue 16's throughput table in one run.
+#   1. setup: random-weight SDXL saved to disk, 64 pairs at 1024 px, their latent cache (diffpo cache)
+#   2. `diffpo train` end to end (benchmarks/train_e2e.py, configs/sdxl_mapo_fast.yaml, 4 pairs per step),
+#      twice with the same train.compile_cache_dir: the cold and the warm first step
+#   3. the harness in one process, sharing that compile cache (compilation then mostly hits it):
+#      public/mapo/full, diffpo+compile+ckpt/mapo/full, diffpo+compile/mapo/full, the selective-
+#      checkpointing levers, diffpo+compile+ckpt/diffusion_dpo/full
+#   4. if time is left: `diffpo train` with the best lever's blocks (warm cache), then the fp16
+#      GradScaler test (the one trainer guard that runs on a GPU only)
+# Each stage runs under a timeout from one deadline, so a slow stage costs the later ones, not the call.
+# Results: JSON files and one log archive under $OUT.
+set -u
+OUT=${OUT:-/tmp/diffpo_out}
+BUDGET=${BUDGET:-560}      # seconds for the whole script
+XL=${XL:-sdxl} PAIRS=${PAIRS:-64} DEV=${DEV:-cuda} STEPS=${STEPS:-20} HSTEPS=${HSTEPS:-4} HWARM=${HWARM:-2}  # (overrides: CPU smoke runs)
+# selective checkpointing: the 128/64-px blocks without up_blocks.1; all 128/64-px blocks; the 32-px down block
+LEVERS=${LEVERS:-"down_blocks.0:down_blocks.1:up_blocks.2 down_blocks.0:down_blocks.1:up_blocks.1:up_blocks.2 down_blocks.2"}
+WORK=${WORK:-/tmp/e2e16}
+START=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+mkdir -p "$OUT/logs"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$OUT/logs/gpus.csv" 2>&1
+stage() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/logs/stages.txt"; }
+
+stage setup
+timeout $(( $(left) < 150 ? $(left) : 150 )) python3 -m benchmarks.train_e2e setup --arch $XL --pairs $PAIRS --work $WORK --device $DEV \
+  --out "$OUT/e2e_setup.json" > "$OUT/logs/setup.log" 2>&1
+stage "setup rc=$?"
+
+stage train cold
+timeout $(( $(left) < 320 ? $(left) : 320 )) python3 -m benchmarks.train_e2e train --work $WORK --name cold --steps $STEPS \
+  --out "$OUT/e2e_train_cold.json" > "$OUT/logs/train_cold.log" 2>&1
+stage "train cold rc=$?"; [ -f "$OUT/e2e_train_cold.json" ] || cp $WORK/runs/cold/metrics.jsonl "$OUT/logs/metrics_cold.jsonl" 2>/dev/null
+stage train warm
+timeout $(( $(left) < 160 ? $(left) : 160 )) python3 -m benchmarks.train_e2e train --work $WORK --name warm --steps $STEPS \
+  --out "$OUT/e2e_train_warm.json" > "$OUT/logs/train_warm.log" 2>&1
+stage "train warm rc=$?"; [ -f "$OUT/e2e_train_warm.json" ] || cp $WORK/runs/warm/metrics.jsonl "$OUT/logs/metrics_warm.jsonl" 2>/dev/null
+
+CASES=public/mapo/full,diffpo+compile+ckpt/mapo/full,diffpo+compile/mapo/full
+for blocks in $LEVERS; do CASES=$CASES,diffpo+compile+ckpt=$blocks/mapo/full; done
+CASES=$CASES,diffpo+compile+ckpt/diffusion_dpo/full
+stage harness
+TORCHINDUCTOR_CACHE_DIR=$WORK/compile_cache TRITON_CACHE_DIR=$WORK/compile_cache/triton \
+  timeout $(( $(left) - 25 )) python3 -m benchmarks.train_step --arch $XL --pairs 4 --steps $HSTEPS --warmup $HWARM --device $DEV \
+  --cases "$CASES" --out "$OUT/harness.json" > "$OUT/logs/harness.log" 2>&1
+stage "harness rc=$?"
+
+# the lever through the trainer: the blocks of the first lever that fit 76 GiB in the harness
+BEST=$(python3 - "$OUT/harness.json" <<'PY'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except Exception:
+    rows = []
+fits = [r for r in rows if "ckpt=" in r["case"] and "step_s" in r and r.get("peak_mem_gib", 99) <= 76]
+print(min(fits, key=lambda r: r["step_s"])["case"].split("ckpt=")[1].split("/")[0] if fits else "")
+PY
+)
+if [ -n "$BEST" ] && [ "$(left)" -gt 100 ]; then
+  stage "train lever $BEST"
+  timeout $(( $(left) - 15 )) python3 -m benchmarks.train_e2e train --work $WORK --name lever --steps $STEPS \
+    --out "$OUT/e2e_train_lever.json" "model.gradient_checkpointing=[${BEST//:/,}]" > "$OUT/logs/train_lever.log" 2>&1
+  stage "train lever rc=$?"
+fi
+if [ "$(left)" -gt 40 ]; then
+  stage fp16 test
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -x -p no:cacheprovider tests/test_faults.py -k fp16 > "$OUT/logs/fp16_test.log" 2>&1
+  stage "fp16 test rc=$?"
+fi
+stage done
+python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/logs/summary.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever"):
+    path = out / f"{name}.json"
+    if path.is_file():
+        r = json.loads(path.read_text())
+        print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ("first_step_s", "median_step_s", "pairs_per_s", "peak_mem_gib", "mean_step_s_after_skip", "wall_s", "skipped")})
+        print("  steps", [round(x, 3) for x in r["step_seconds"]], "data max", round(max(x or 0 for x in r["data_seconds"]), 3))
+path = out / "harness.json"
+if path.is_file():
+    from benchmarks.train_step import format_table
+    result = json.loads(path.read_text())
+    print(format_table(result))
+    for r in result["rows"]:
+        print(r["case"], "setup_s", round(r.get("setup_s", 0), 1), "steps", [round(x, 3) for x in r.get("step_s_all", [])])
+PY
+nvidia-smi > "$OUT/logs/nvidia-smi-end.txt" 2>&1
+tar czf "$OUT/logs16.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+ls -la "$OUT"
