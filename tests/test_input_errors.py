@@ -38,8 +38,17 @@ def _outside(bounds) -> float:
 
 @pytest.mark.parametrize("name, key", [(s.name, k) for s in LOSSES.values() for k in s.hparams])
 def test_every_loss_hparam_has_a_range_that_config_validation_enforces(name, key):
+    from diffpo.losses import Choice
+
     spec = LOSSES[name]
     bounds = spec.ranges[key]
+    if isinstance(bounds, Choice):  # a string hparam (fdpo's divergence): a name outside the choice, or a number
+        with pytest.raises(ConfigError, match=rf"^loss\.{key}=nope: outside the range of '{name}' {key}, \{{"):
+            load_config(None, [f"loss.name={name}", f"loss.{key}=nope"])
+        with pytest.raises(ConfigError, match=rf"^loss\.{key}: must be one of \{{"):
+            load_config(None, [f"loss.name={name}", f"loss.{key}=3"])
+        load_config(None, [f"loss.name={name}", f"loss.{key}={spec.hparams[key]}"])
+        return
     bad = _outside(bounds)
     with pytest.raises(ConfigError, match=rf"^loss\.{key}={bad:g}: outside the range of '{name}' {key}"):
         load_config(None, [f"loss.name={name}", f"loss.{key}={bad}"])
