@@ -209,13 +209,7 @@ def load_pair_records(cfg: DataConfig, seed: int = 0) -> tuple[list[PairRecord],
     records: list[PairRecord] = []
     fmt = resolve_format(cfg)
     if fmt.rows == "unpaired":
-        records = _load_examples(cfg, fmt, report, seed)
-        report.kept = len(records)
-        if report.skipped:
-            logger.warning("%s", report.summary())
-        if not records:
-            raise DataError(f"{cfg.source}: fewer than two usable examples ({report.summary()})")
-        return records, report
+        return _finish(cfg, report, _load_examples(cfg, fmt, report, seed), "fewer than two usable examples")
     for raw in fmt.read(cfg):
         report.rows += 1
         row = raw.row
@@ -236,11 +230,15 @@ def load_pair_records(cfg: DataConfig, seed: int = 0) -> tuple[list[PairRecord],
             break
     if cfg.unpaired and records:
         records = split_pairs(records, report, seed)
+    return _finish(cfg, report, records, "no usable pairs")
+
+
+def _finish(cfg: DataConfig, report: LoadReport, records: list[PairRecord], empty: str) -> tuple[list[PairRecord], LoadReport]:
     report.kept = len(records)
     if report.skipped:
         logger.warning("%s", report.summary())
     if not records:
-        raise DataError(f"{cfg.source}: no usable pairs ({report.summary()})")
+        raise DataError(f"{cfg.source}: {empty} ({report.summary()})")
     return records, report
 
 

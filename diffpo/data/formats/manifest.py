@@ -31,21 +31,28 @@ def read_lines(path: Path) -> list[str]:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
-def manifest_rows(path: Path) -> Iterator[RawPair]:
-    base = path.parent
+def json_objects(path: Path, what: str) -> Iterator[tuple[int, dict | None, str | None]]:
+    """``(row, object, None)`` for each non-empty line of a JSONL manifest, or ``(row, None, problem)``
+    for a line that is not a JSON object; a file with no rows is a DataError naming ``what``."""
     lines = read_lines(path)
     if not any(line.strip() for line in lines):
-        raise DataError(f"{path}: empty pair manifest (no rows)")
+        raise DataError(f"{path}: empty {what} (no rows)")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            yield RawPair(i, None, None, None, problem=f"not valid JSON ({err.msg})")
+            yield i, None, f"not valid JSON ({err.msg})"
             continue
-        if not isinstance(item, dict):
-            yield RawPair(i, None, None, None, problem="not a JSON object")
+        yield (i, item, None) if isinstance(item, dict) else (i, None, "not a JSON object")
+
+
+def manifest_rows(path: Path) -> Iterator[RawPair]:
+    base = path.parent
+    for i, item, problem in json_objects(path, "pair manifest"):
+        if problem:
+            yield RawPair(i, None, None, None, problem=problem)
             continue
         chosen, rejected = item.get("chosen"), item.get("rejected")
         chosen = str(base / chosen) if isinstance(chosen, str) else chosen

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from diffpo.data.format import DataError, DataFormat, RawExample, register_format
-from diffpo.data.formats.manifest import read_lines
+from diffpo.data.formats.manifest import json_objects, read_lines
 from diffpo.data.formats.pickapic import _image_ref, open_table
 
 if TYPE_CHECKING:
@@ -31,19 +31,9 @@ TABLE_COLUMNS = {"caption": "caption", "image": "image", "label": "label"}
 
 
 def manifest_examples(path: Path) -> Iterator[RawExample]:
-    lines = read_lines(path)
-    if not any(line.strip() for line in lines):
-        raise DataError(f"{path}: empty example manifest (no rows)")
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield RawExample(i, None, None, None, problem=f"not valid JSON ({err.msg})")
-            continue
-        if not isinstance(item, dict):
-            yield RawExample(i, None, None, None, problem="not a JSON object")
+    for i, item, problem in json_objects(path, "example manifest"):
+        if problem:
+            yield RawExample(i, None, None, None, problem=problem)
             continue
         image = item.get("image")
         image = str(path.parent / image) if isinstance(image, str) else image
