@@ -34,7 +34,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "LOSSES", "LossSpec", "Choice", "register", "unregister", "dpo_logit", "mapo_score", "get_loss", "format_range",
-    "error_gap_margin", "dpo_margin", "mapo_margin", "fdpo_logit", "fdpo_loss", "kto_loss", "kto_margin", "F_DIVERGENCES",
+    "error_gap_margin", "dpo_margin", "mapo_margin", "fdpo_logit", "fdpo_loss", "kto_loss", "kto_logit", "kto_margin", "F_DIVERGENCES",
 ]
 
 
@@ -245,12 +245,17 @@ def kto_loss(
     are its defaults). Departure: the reference code averages z_ref over every process's batch; this
     pure function averages over the images it is given (the local batch).
     """
+    desirable = desirable.to(dtype=torch.bool, device=err.device)
+    weight = torch.where(desirable, lambda_desirable, lambda_undesirable).to(err.dtype)
+    return weight * (1.0 - torch.sigmoid(kto_logit(err, ref, desirable, beta)))
+
+
+def kto_logit(err: Tensor, ref: Tensor, desirable: Tensor, beta: float) -> Tensor:
+    """y * beta * (g - z_ref) per image (``kto_loss``'s sigmoid argument), z_ref without gradient."""
     g = -(err - ref)
     reference_point = g.mean().clamp(min=0).detach()
-    desirable = desirable.to(dtype=torch.bool, device=g.device)
-    sign = torch.where(desirable, 1.0, -1.0).to(g.dtype)
-    weight = torch.where(desirable, lambda_desirable, lambda_undesirable).to(g.dtype)
-    return weight * (1.0 - torch.sigmoid(sign * beta * (g - reference_point)))
+    sign = torch.where(desirable.to(dtype=torch.bool, device=g.device), 1.0, -1.0).to(g.dtype)
+    return sign * beta * (g - reference_point)
 
 
 def _kto_rows(err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tensor, desirable_w: Tensor, desirable_l: Tensor, **hparams) -> Tensor:
@@ -262,11 +267,9 @@ def _kto_rows(err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tensor, desira
 
 
 def kto_margin(err_w, err_l, ref_w, ref_l, desirable_w, desirable_l, *, beta: float, **hparams) -> Tensor:
-    """y * beta * (g - z_ref) per image: > 0 when the model moved the image the way its label asks
-    (the reference code logs the fraction > 0 as ``acc``)."""
-    g = -(torch.cat([err_w, err_l]) - torch.cat([ref_w, ref_l]))
-    sign = torch.where(torch.cat([desirable_w, desirable_l]).to(dtype=torch.bool, device=g.device), 1.0, -1.0)
-    return sign * beta * (g - g.mean().clamp(min=0))
+    """``kto_logit`` of every image of the rows: > 0 when the model moved the image the way its
+    label asks (the reference code logs the fraction > 0 as ``acc``)."""
+    return kto_logit(torch.cat([err_w, err_l]), torch.cat([ref_w, ref_l]), torch.cat([desirable_w, desirable_l]), beta)
 
 
 # ----------------------------------------------------------------------------------------------
