@@ -9,6 +9,9 @@
 #   4. if time is left: `diffpo train` with the best lever's blocks (warm cache), then the fp16
 #      GradScaler test (the one trainer guard that runs on a GPU only)
 # Each stage runs under a timeout from one deadline, so a slow stage costs the later ones, not the call.
+# STAGES picks stages (one call cannot hold them all: a cold SDXL compile alone takes ~4 minutes), CASES
+# the harness cases, LEVER the trainer's extra overrides for the "lever" stage (default: the fastest
+# selective-checkpointing case of the harness that fits 76 GiB). Two calls on one warm machine share WORK.
 # Results: JSON files and one log archive under $OUT.
 set -u
 OUT=${OUT:-/tmp/diffpo_out}
@@ -17,6 +20,9 @@ XL=${XL:-sdxl} PAIRS=${PAIRS:-64} DEV=${DEV:-cuda} STEPS=${STEPS:-20} HSTEPS=${H
 # selective checkpointing: the 128/64-px blocks without up_blocks.1; all 128/64-px blocks; the 32-px down block
 LEVERS=${LEVERS:-"down_blocks.0:down_blocks.1:up_blocks.2 down_blocks.0:down_blocks.1:up_blocks.1:up_blocks.2 down_blocks.2"}
 WORK=${WORK:-/tmp/e2e16}
+STAGES=${STAGES:-"setup cold warm harness lever fp16"}
+RESERVE=${RESERVE:-25}  # seconds the harness leaves to the stages after it
+# STAGES run in the order given
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 mkdir -p "$OUT/logs"
@@ -25,31 +31,37 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$OUT/logs/gpus.csv" 2>&1
 stage() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/logs/stages.txt"; }
 
-stage setup
-timeout $(( $(left) < 150 ? $(left) : 150 )) python3 -m benchmarks.train_e2e setup --arch $XL --pairs $PAIRS --work $WORK --device $DEV \
-  --out "$OUT/e2e_setup.json" > "$OUT/logs/setup.log" 2>&1
-stage "setup rc=$?"
-
-stage train cold
-timeout $(( $(left) < 320 ? $(left) : 320 )) python3 -m benchmarks.train_e2e train --work $WORK --name cold --steps $STEPS \
-  --out "$OUT/e2e_train_cold.json" > "$OUT/logs/train_cold.log" 2>&1
-stage "train cold rc=$?"; [ -f "$OUT/e2e_train_cold.json" ] || cp $WORK/runs/cold/metrics.jsonl "$OUT/logs/metrics_cold.jsonl" 2>/dev/null
-stage train warm
-timeout $(( $(left) < 160 ? $(left) : 160 )) python3 -m benchmarks.train_e2e train --work $WORK --name warm --steps $STEPS \
-  --out "$OUT/e2e_train_warm.json" > "$OUT/logs/train_warm.log" 2>&1
-stage "train warm rc=$?"; [ -f "$OUT/e2e_train_warm.json" ] || cp $WORK/runs/warm/metrics.jsonl "$OUT/logs/metrics_warm.jsonl" 2>/dev/null
-
-CASES=public/mapo/full,diffpo+compile+ckpt/mapo/full,diffpo+compile/mapo/full
-for blocks in $LEVERS; do CASES=$CASES,diffpo+compile+ckpt=$blocks/mapo/full; done
-CASES=$CASES,diffpo+compile+ckpt/diffusion_dpo/full
-stage harness
-TORCHINDUCTOR_CACHE_DIR=$WORK/compile_cache TRITON_CACHE_DIR=$WORK/compile_cache/triton \
-  timeout $(( $(left) - 25 )) python3 -m benchmarks.train_step --arch $XL --pairs 4 --steps $HSTEPS --warmup $HWARM --device $DEV \
-  --cases "$CASES" --out "$OUT/harness.json" > "$OUT/logs/harness.log" 2>&1
-stage "harness rc=$?"
-
-# the lever through the trainer: the blocks of the first lever that fit 76 GiB in the harness
-BEST=$(python3 - "$OUT/harness.json" <<'PY'
+cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # a stage's timeout: its cap or what is left
+train() {  # train NAME CAP [overrides...]: `diffpo train` end to end, timed from its own metrics.jsonl
+  local name=$1 limit=$2; shift 2
+  stage "train $name $*"
+  timeout $(cap $limit) python3 -m benchmarks.train_e2e train --work $WORK --name $name --steps $STEPS \
+    --out "$OUT/e2e_train_$name.json" "$@" > "$OUT/logs/train_$name.log" 2>&1
+  stage "train $name rc=$?"; [ -f "$OUT/e2e_train_$name.json" ] || cp $WORK/runs/$name/metrics.jsonl "$OUT/logs/metrics_$name.jsonl" 2>/dev/null
+}
+run_setup() {
+  stage setup
+  timeout $(cap 150) python3 -m benchmarks.train_e2e setup --arch $XL --pairs $PAIRS --work $WORK --device $DEV \
+    --out "$OUT/e2e_setup.json" > "$OUT/logs/setup.log" 2>&1
+  stage "setup rc=$?"
+}
+run_cold() { train cold ${COLD_CAP:-320}; }
+run_warm() { train warm ${WARM_CAP:-160}; }
+if [ -z "${CASES:-}" ]; then
+  CASES=public/mapo/full,diffpo+compile+ckpt/mapo/full,diffpo+compile/mapo/full
+  for blocks in $LEVERS; do CASES=$CASES,diffpo+compile+ckpt=$blocks/mapo/full; done
+  CASES=$CASES,diffpo+compile+ckpt/diffusion_dpo/full
+fi
+run_harness() {  # in one process, sharing the trainer's compile cache folder
+  stage "harness $CASES"
+  TORCHINDUCTOR_CACHE_DIR=$WORK/compile_cache TRITON_CACHE_DIR=$WORK/compile_cache/triton \
+    timeout $(( $(left) - RESERVE )) python3 -m benchmarks.train_step --arch $XL --pairs 4 --steps $HSTEPS --warmup $HWARM --device $DEV \
+    --cases "$CASES" --out "$OUT/harness.json" > "$OUT/logs/harness.log" 2>&1
+  stage "harness rc=$?"
+}
+run_lever() {  # the trainer with LEVER, or with the fastest selective-checkpointing case that fit 76 GiB
+  local best
+  best=$(python3 - "$OUT/harness.json" <<'PY'
 import json, sys
 try:
     rows = json.load(open(sys.argv[1]))["rows"]
@@ -59,17 +71,18 @@ fits = [r for r in rows if "ckpt=" in r["case"] and "step_s" in r and r.get("pea
 print(min(fits, key=lambda r: r["step_s"])["case"].split("ckpt=")[1].split("/")[0] if fits else "")
 PY
 )
-if [ -n "$BEST" ] && [ "$(left)" -gt 100 ]; then
-  stage "train lever $BEST"
-  timeout $(( $(left) - 15 )) python3 -m benchmarks.train_e2e train --work $WORK --name lever --steps $STEPS \
-    --out "$OUT/e2e_train_lever.json" "model.gradient_checkpointing=[${BEST//:/,}]" > "$OUT/logs/train_lever.log" 2>&1
-  stage "train lever rc=$?"
-fi
-if [ "$(left)" -gt 40 ]; then
-  stage fp16 test
-  timeout $(( $(left) - 5 )) python3 -m pytest -q -x -p no:cacheprovider tests/test_faults.py -k fp16 > "$OUT/logs/fp16_test.log" 2>&1
-  stage "fp16 test rc=$?"
-fi
+  local lever=${LEVER:-}
+  [ -z "$lever" ] && [ -n "$best" ] && lever="model.gradient_checkpointing=[${best//:/,}]"
+  if [ -n "$lever" ] && [ "$(left)" -gt 100 ]; then train lever $(( $(left) - 15 )) $lever; fi
+}
+run_fp16() {  # the one trainer guard that runs on a GPU only
+  if [ "$(left)" -gt 40 ]; then
+    stage fp16 test
+    timeout $(( $(left) - 5 )) python3 -m pytest -q -x -p no:cacheprovider tests/test_faults.py -k fp16 > "$OUT/logs/fp16_test.log" 2>&1
+    stage "fp16 test rc=$?"
+  fi
+}
+for s in $STAGES; do run_$s; done
 stage done
 python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/logs/summary.txt"
 import json, sys
