@@ -199,7 +199,8 @@ def build_optimizer(params, cfg: Config, device: torch.device | str = "cpu"):
         except ImportError:
             raise TrainingError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         if tc.weight_dtype == "bf16":
-            from diffpo.fastpath import MasterWeightAdamW8bit  # built on first use (it subclasses bitsandbytes')
+            # built on first use: it subclasses bitsandbytes' AdamW8bit
+            from diffpo.fastpath import MasterWeightAdamW8bit
 
             return MasterWeightAdamW8bit(params, **kwargs)
         return bnb.optim.AdamW8bit(params, **kwargs)
