@@ -136,7 +136,9 @@ def _master_weight_adamw8bit() -> type:
     class MasterWeightAdamW8bit(MasterWeights, bitsandbytes.optim.AdamW8bit):
         """bitsandbytes' ``AdamW8bit`` over float32 masters (``MasterWeights``): the moments in 8
         bits (blockwise quantized; tensors under ``min_8bit_size`` elements, 4096 by default, keep
-        32-bit moments), the masters and the update in float32."""
+        32-bit moments), the masters and the update in float32. bitsandbytes' per-parameter
+        overrides (``GlobalOptimManager``) name the network's parameters, not the masters: they do
+        not apply here."""
 
     MasterWeightAdamW8bit.__module__, MasterWeightAdamW8bit.__qualname__ = __name__, "MasterWeightAdamW8bit"
     return MasterWeightAdamW8bit
