@@ -17,7 +17,9 @@ A case is ``RECIPE/OBJECTIVE/MODE``:
   SDPA attention, one fused [winners; losers] batch, the reference as disabled adapters under LoRA.
   ``diffpo+compile`` adds regional torch.compile; ``diffpo+ckpt`` gradient checkpointing (memory);
   ``+cl`` the channels_last memory format; ``+ckpt=down_blocks.1:up_blocks.1`` checkpoints only
-  those blocks (``model.gradient_checkpointing: [down_blocks.1, up_blocks.1]``);
+  those blocks (``model.gradient_checkpointing: [down_blocks.1, up_blocks.1]``); ``+8bit`` keeps
+  AdamW's moments in 8 bits over the float32 masters (``train.use_8bit_adam``:
+  ``diffpo.fastpath.MasterWeightAdamW8bit``, bitsandbytes; e.g. ``diffpo+compile+8bit/mapo/full``);
   ``diffpo-fp32`` keeps float32 weights under autocast (what FSDP shards: its own mixed precision
   computes in bf16 from float32 shards).
 - OBJECTIVE: ``sft``, ``diffusion_dpo``, ``mapo``, ``dmpo``, or ``unet`` (the UNet's forward and
@@ -52,9 +54,9 @@ import torch
 from benchmarks.archs import ARCHS, Arch, build_encoders, build_unet
 
 OBJECTIVES = ("sft", "diffusion_dpo", "mapo", "dmpo", "unet")
-RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo-fp32", "diffpo-fp32+ckpt")
+RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo+compile+8bit", "diffpo-fp32", "diffpo-fp32+ckpt")
 RECIPE_BASES = ("public", "diffpo", "diffpo-fp32")
-RECIPE_OPTIONS = ("compile", "ckpt", "cl")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
+RECIPE_OPTIONS = ("compile", "ckpt", "cl", "8bit")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
 DEFAULT_CASES = (
     "public/mapo/full", "public/diffusion_dpo/full",
     "diffpo/sft/full", "diffpo/mapo/full", "diffpo/diffusion_dpo/full", "diffpo/dmpo/full",
@@ -105,6 +107,10 @@ class Case:
         return "+cl" in self.recipe
 
     @property
+    def adam_8bit(self) -> bool:
+        return "8bit" in self.recipe.split("+")[1:]
+
+    @property
     def checkpointing(self) -> bool | list[str]:
         """True (every block), False, or the blocks that checkpoint (``+ckpt=down_blocks.1:up_blocks.1``)."""
         for option in self.recipe.split("+")[1:]:
@@ -122,7 +128,7 @@ def _train_config(case: Case):
     """The diffpo training config of a case: what a user would write to train this way."""
     from diffpo.config import config_from_dict
 
-    train = {"learning_rate": 1e-5, "adam_weight_decay": 1e-2, "mixed_precision": "bf16", "channels_last": case.channels_last}
+    train = {"learning_rate": 1e-5, "adam_weight_decay": 1e-2, "mixed_precision": "bf16", "channels_last": case.channels_last, "use_8bit_adam": case.adam_8bit}
     if case.bf16_weights:
         train["weight_dtype"] = "bf16"
     lora = {"enabled": case.mode == "lora", "rank": LORA_RANK, "alpha": float(LORA_RANK), "target_modules": LORA_TARGETS}
@@ -408,6 +414,7 @@ def environment(device: torch.device) -> dict:
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
+        "bitsandbytes": _installed_version("bitsandbytes"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.train_step", *sys.argv[1:]]),
     }
     if device.type == "cuda":
@@ -417,6 +424,15 @@ def environment(device: torch.device) -> dict:
     else:
         env["device"] = platform.processor() or "cpu"
     return env
+
+
+def _installed_version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def parse_args(argv=None):

@@ -14,10 +14,20 @@ This is the scheme of apex's ``FusedAdam(master_weights=True)`` and DeepSpeed's 
 written here in a few lines on ``torch.optim.AdamW`` (fused kernel on CUDA) so it works with plain
 accelerate (single GPU and DDP). FSDP and DeepSpeed keep their own float32 shards: use their
 mixed-precision settings instead (``train.weight_dtype=bf16`` is refused there).
+
+The master logic (``MasterWeights``) is a mixin over any torch optimizer class, for 8-bit moments:
+the public MaPO recipe trains SDXL with bitsandbytes' ``AdamW8bit`` (``--use_8bit_adam``), and
+AdamW's two float32 moments of SDXL's 2.57B UNet parameters take 20.6 GB (19.1 GiB) where 8-bit
+ones take 5.1 GB plus a float32 scale per 256 values. Issue 16: the fast path without gradient
+checkpointing peaked at 79.2 GiB (limit 76 GiB for an 80 GB H100); the ~14 GiB saved should let it
+drop checkpointing (a prediction: BENCHMARKS.md records the measurement).
+``MasterWeightAdamW8bit`` (``train.use_8bit_adam`` with ``train.weight_dtype=bf16``) keeps the
+float32 masters and steps them with ``AdamW8bit``; bitsandbytes stays optional, imported on first use.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -31,24 +41,26 @@ logger = logging.getLogger(__name__)
 CompileMode = Literal["none", "regional", "full"]
 
 
+class MasterWeights:
+    """Float32 master copies of low-precision parameters, over any torch optimizer class.
 
-class MasterWeightAdamW(torch.optim.AdamW):
-    """AdamW over float32 copies of low-precision parameters.
-
-    ``params`` are the network's (e.g. bf16) parameters; the optimizer's own param groups hold
-    their float32 masters, so learning-rate schedulers, ``state_dict`` and accelerate work as with
-    any AdamW. ``step`` upcasts each gradient into its master's ``.grad`` (freeing the low-precision
-    gradient at once, so the two never coexist for all parameters), steps, and copies the masters
-    back. The masters are part of ``state_dict``: a resumed run continues from the float32 values,
-    not from their bf16 rounding.
+    Mixed in before the optimizer class (``class X(MasterWeights, torch.optim.AdamW)``). ``params``
+    are the network's (e.g. bf16) parameters; the optimizer's own param groups hold their float32
+    masters, so learning-rate schedulers, ``state_dict`` and accelerate work as with the plain
+    optimizer. ``step`` upcasts each gradient into its master's ``.grad`` (freeing the
+    low-precision gradient at once, so the two never coexist for all parameters), lets the
+    optimizer step the masters, and copies them back. The masters are part of ``state_dict``: a
+    resumed run continues from the float32 values, not from their bf16 rounding.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], **kwargs):
         self.model_params = [p for p in params]
         masters = [p.detach().to(torch.float32).clone().requires_grad_(True) for p in self.model_params]
-        if "fused" not in kwargs and masters and masters[0].is_cuda:
-            kwargs["fused"] = True
-        super().__init__(masters, **kwargs)
+        super().__init__(masters, **self._optimizer_kwargs(masters, kwargs))
+
+    def _optimizer_kwargs(self, masters: list[torch.Tensor], kwargs: dict) -> dict:
+        """The optimizer's keyword arguments, given its masters (a subclass adds defaults)."""
+        return kwargs
 
     def _masters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -108,10 +120,43 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 param.copy_(masters[index])
 
 
-def find_master_optimizer(optimizer) -> MasterWeightAdamW | None:
-    """The MasterWeightAdamW inside an accelerate-wrapped optimizer, if any."""
+class MasterWeightAdamW(MasterWeights, torch.optim.AdamW):
+    """``torch.optim.AdamW`` over float32 masters (``MasterWeights``); its fused kernel on CUDA."""
+
+    def _optimizer_kwargs(self, masters, kwargs):
+        if "fused" not in kwargs and masters and masters[0].is_cuda:
+            kwargs = {**kwargs, "fused": True}
+        return kwargs
+
+
+@functools.cache
+def _master_weight_adamw8bit() -> type:
+    import bitsandbytes  # optional: only this optimizer needs it (pip install bitsandbytes)
+
+    class MasterWeightAdamW8bit(MasterWeights, bitsandbytes.optim.AdamW8bit):
+        """bitsandbytes' ``AdamW8bit`` over float32 masters (``MasterWeights``): the moments in 8
+        bits (blockwise quantized; tensors under ``min_8bit_size`` elements, 4096 by default, keep
+        32-bit moments), the masters and the update in float32. bitsandbytes' per-parameter
+        overrides (``GlobalOptimManager``) name the network's parameters, not the masters: they do
+        not apply here."""
+
+    MasterWeightAdamW8bit.__module__, MasterWeightAdamW8bit.__qualname__ = __name__, "MasterWeightAdamW8bit"
+    return MasterWeightAdamW8bit
+
+
+def __getattr__(name: str):
+    # ``MasterWeightAdamW8bit`` subclasses a bitsandbytes class: built on first use, so that
+    # importing this module does not need bitsandbytes (ImportError when it is missing)
+    if name == "MasterWeightAdamW8bit":
+        return _master_weight_adamw8bit()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def find_master_optimizer(optimizer) -> MasterWeights | None:
+    """The master-weight optimizer (``MasterWeightAdamW`` or ``MasterWeightAdamW8bit``) inside an
+    accelerate-wrapped optimizer, if any."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return inner if isinstance(inner, MasterWeightAdamW) else None
+    return inner if isinstance(inner, MasterWeights) else None
 
 
 def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[str] = ()) -> nn.Module:

@@ -189,18 +189,23 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
 
 
 def build_optimizer(params, cfg: Config, device: torch.device | str = "cpu"):
-    """AdamW (fused kernel on CUDA: same math, one launch), 8-bit AdamW, or AdamW over float32
-    masters of bf16 weights (``train.weight_dtype=bf16``)."""
+    """AdamW (fused kernel on CUDA: same math, one launch) or 8-bit AdamW (``train.use_8bit_adam``),
+    over float32 masters of bf16 weights when ``train.weight_dtype=bf16``."""
     tc = cfg.train
     kwargs = dict(lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon)
-    if tc.weight_dtype == "bf16":
-        return MasterWeightAdamW(params, **kwargs)
     if tc.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise TrainingError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        if tc.weight_dtype == "bf16":
+            # built on first use: it subclasses bitsandbytes' AdamW8bit
+            from diffpo.fastpath import MasterWeightAdamW8bit
+
+            return MasterWeightAdamW8bit(params, **kwargs)
         return bnb.optim.AdamW8bit(params, **kwargs)
+    if tc.weight_dtype == "bf16":
+        return MasterWeightAdamW(params, **kwargs)
     return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)
 
 

@@ -71,3 +71,19 @@ def test_activation_memory_splits_the_saved_tensors_and_flops_by_block():
     assert 0.8 < sum(row["saved_share"] for row in blocks.values()) <= 1.0  # the rest: conv_in/out, embeddings
     assert 0.8 < sum(row["forward_flops_share"] for row in blocks.values()) <= 1.0
     assert all(row["saved_gib"] > 0 for row in blocks.values())
+
+
+def test_8bit_cases_build_the_8bit_master_optimizer_through_diffpos_setup():
+    from benchmarks.archs import ARCHS
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    case = train_step.Case.parse("diffpo+compile+8bit/mapo/full")
+    assert case.adam_8bit and case.compiled and case.checkpointing is False
+    assert not train_step.Case.parse("diffpo+compile/mapo/full").adam_8bit
+    setup = train_step.Setup(ARCHS["tiny-sdxl"], train_step.Case.parse("diffpo+8bit/mapo/full"), 1, torch.device("cpu"))
+    assert type(setup.optimizer) is MasterWeightAdamW8bit  # what train.use_8bit_adam builds with bf16 weights
+    before = [p.detach().clone() for p in setup.unet.parameters()]
+    setup.step(0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, setup.unet.parameters()))
+    moments = [state["state1"].dtype for state in setup.optimizer.state.values()]
+    assert torch.uint8 in moments  # the large tensors' moments are quantized

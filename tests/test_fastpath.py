@@ -192,3 +192,142 @@ def test_trainer_syncs_the_host_once_per_optimizer_step(tmp_path, pair_dir, mode
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["loss"] is not None and m["grad_norm"] > 0 and m["step_seconds"] > 0 and m["data_seconds"] >= 0 for m in metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: 8-bit AdamW moments over the float32 masters (bitsandbytes is a test dependency)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bf16_mlp(seed: int) -> torch.nn.Module:
+    """8192-element weights, whose moments bitsandbytes quantizes (it keeps 32-bit moments for
+    tensors under min_8bit_size = 4096 elements: here the biases)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).to(torch.bfloat16)
+
+
+def _set_grads(params, step: int) -> None:
+    for index, param in enumerate(params):
+        param.grad = _grads(100 * step + index, param.shape).to(param.dtype)
+
+
+def _state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors, each storage counted once (bitsandbytes shares its
+    quantization maps between parameters)."""
+    storages = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_8bit_master_weights_step_as_bitsandbytes_steps_float32_weights():
+    import bitsandbytes as bnb
+
+    from diffpo.fastpath import MasterWeightAdamW8bit, find_master_optimizer
+
+    network = _bf16_mlp(0)
+    params = list(network.parameters())
+    initial = [p.detach().float().clone() for p in params]
+    reference = [torch.nn.Parameter(p.clone()) for p in initial]
+    optimizer = MasterWeightAdamW8bit(params, lr=1e-3)
+    reference_optimizer = bnb.optim.AdamW8bit(reference, lr=1e-3)
+    for step in range(3):
+        _set_grads(params, step)
+        for param, ref in zip(params, reference):
+            ref.grad = param.grad.float()  # the same gradients, upcast
+        optimizer.step()
+        reference_optimizer.step()
+        optimizer.zero_grad()
+
+    masters = optimizer.param_groups[0]["params"]
+    for master, ref, param, start in zip(masters, reference, params, initial):
+        assert master.dtype == torch.float32 and not torch.equal(master, start)  # it trained
+        assert torch.equal(master, ref.detach())  # bit for bit bitsandbytes' float32 step
+        assert torch.equal(param.detach(), master.to(torch.bfloat16))  # the weights are the masters rounded
+        assert param.grad is None
+    moments = {tuple(m.shape): (optimizer.state[m]["state1"].dtype, optimizer.state[m]["state2"].dtype) for m in masters}
+    assert moments[(128, 64)] == moments[(64, 128)] == (torch.uint8, torch.uint8)
+    assert moments[(128,)] == (torch.float32, torch.float32)  # too small to quantize
+    assert find_master_optimizer(optimizer) is optimizer
+
+    float32_moments = MasterWeightAdamW([p for p in _bf16_mlp(0).parameters()], lr=1e-3)
+    _set_grads(float32_moments.model_params, 0)
+    float32_moments.step()
+    assert _state_bytes(optimizer) < 0.30 * _state_bytes(float32_moments)
+
+
+def test_8bit_master_weights_resume_bit_identically_from_a_saved_state():
+    import io
+
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    network = _bf16_mlp(0)
+    optimizer = MasterWeightAdamW8bit(network.parameters(), lr=1e-3)
+    for step in range(3):
+        _set_grads(optimizer.model_params, step)
+        optimizer.step()
+    saved = io.BytesIO()
+    torch.save(optimizer.state_dict(), saved)  # as accelerate's save_state / load_state
+    saved.seek(0)
+    other = _bf16_mlp(1)
+    resumed = MasterWeightAdamW8bit(other.parameters(), lr=1e-3)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+
+    masters, restored = optimizer.param_groups[0]["params"], resumed.param_groups[0]["params"]
+    for master, again in zip(masters, restored):
+        assert torch.equal(again, master)
+    # float32 values, not their bf16 rounding
+    assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in restored)
+    for step in range(3, 5):
+        for opt in (optimizer, resumed):
+            _set_grads(opt.model_params, step)
+            opt.step()
+    for master, again in zip(masters, restored):
+        assert torch.equal(again, master)
+        assert torch.equal(resumed.state[again]["state1"], optimizer.state[master]["state1"])
+    for a, b in zip(network.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_8bit_adam_with_bf16_weights_builds_the_8bit_master_optimizer(monkeypatch):
+    import sys
+
+    from diffpo.fastpath import MasterWeightAdamW8bit
+    from diffpo.train import TrainingError, build_optimizer
+
+    fast = {"mixed_precision": "bf16", "weight_dtype": "bf16", "use_8bit_adam": True}
+    cfg = config_from_dict({"model": {"pretrained": "tiny:sd"}, "data": {"source": "x"}, "train": fast})
+    assert cfg.train.use_8bit_adam and cfg.train.weight_dtype == "bf16"  # no longer refused
+    optimizer = build_optimizer(_bf16_mlp(0).parameters(), cfg)
+    assert type(optimizer) is MasterWeightAdamW8bit
+    assert optimizer.param_groups[0]["lr"] == cfg.train.learning_rate and optimizer.param_groups[0]["betas"] == (cfg.train.adam_beta1, cfg.train.adam_beta2)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(TrainingError, match="needs bitsandbytes"):
+        build_optimizer(_bf16_mlp(0).parameters(), cfg)
+
+
+def test_8bit_master_weight_training_resumes_exactly(tmp_path, pair_dir, model_cache):
+    """Full fine-tuning of the tiny UNet (LoRA adapters are too small to quantize). Steps 2 and 3
+    run after the resume: step 3's loss and the saved weights depend on the restored masters and
+    8-bit moments."""
+    fast = {"mixed_precision": "bf16", "weight_dtype": "bf16", "use_8bit_adam": True, "max_steps": 3, "checkpoint_every": 1}
+    model = {"lora": {"enabled": False}}
+    full = tmp_path / "full"
+    train(tiny_run_config(full, pair_dir, model=model, train=fast), cache_dir=model_cache)
+    part = tmp_path / "part"
+    train(tiny_run_config(part, pair_dir, model=model, train={**fast, "max_steps": 1}), cache_dir=model_cache)
+    train(tiny_run_config(part, pair_dir, model=model, train={**fast, "resume": "latest"}), cache_dir=model_cache)
+    a, b = read_metrics(full), read_metrics(part)
+    assert [m["step"] for m in b] == [1, 2, 3]
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    weights = [load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors") for run in (full, part)]
+    assert all(torch.equal(weights[0][key], value) for key, value in weights[1].items())
+    # the saved weights are the float32 masters, not their bf16 rounding
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in weights[0].values())
+
+    state = torch.load(full / "checkpoint-1" / "optimizer.bin", weights_only=True)
+    quantized = [s["__bnb_optimizer_quant_state__"]["state1"].dtype for s in state["state"].values()]
+    assert torch.uint8 in quantized  # the checkpoint holds 8-bit moments
+    assert all(m.dtype == torch.float32 for m in state["master_weights"])  # and the float32 masters
