@@ -147,10 +147,20 @@ def train_run(args) -> dict:
     }
     if on_gpu:
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    record["compile_cache_counters"] = compile_cache_counters()
     _write(args.out, record)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items() if k not in ("step_seconds", "data_seconds", "losses", "overrides")}
     print(json.dumps(shown), flush=True)
     return record
+
+
+def compile_cache_counters() -> dict:
+    """Hits, misses and bypasses of torch.compile's on-disk caches in this process (FX graph cache:
+    inductor's compiled kernels; AOTAutograd cache: the traced forward/backward pair), to see why a
+    warm first step is or is not fast."""
+    from torch._dynamo.utils import counters
+
+    return {group: {k: v for k, v in counters[group].items() if "cache" in k or "bypass" in k} for group in ("inductor", "aot_autograd")}
 
 
 def _write(path: Path | None, record: dict) -> None:

@@ -81,9 +81,13 @@ class MasterWeights:
             for (param, master), grad in zip(with_grad, upcast):
                 master.grad = grad
                 param.grad = None
-        loss = super().step(closure)
+        loss = self._step_masters(closure)
         torch._foreach_copy_(self.model_params, masters)  # round the float32 masters into the weights
         return loss
+
+    def _step_masters(self, closure):
+        """The wrapped optimizer's step over the masters (a subclass may replace it)."""
+        return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.model_params:
@@ -139,6 +143,35 @@ def _master_weight_adamw8bit() -> type:
         32-bit moments), the masters and the update in float32. bitsandbytes' per-parameter
         overrides (``GlobalOptimManager``) name the network's parameters, not the masters: they do
         not apply here."""
+
+        def _step_masters(self, closure):
+            # bitsandbytes 0.50's ``Optimizer8bit.step`` calls ``torch.cuda.synchronize()`` after
+            # every parameter: ~1700 host waits per SDXL step, which made the 8-bit step 270 ms
+            # slower than the 32-bit one on an H200 (issue 16, BENCHMARKS.md); upstream removes it
+            # (bitsandbytes PR #2050). Its kernels run on the legacy default stream, so on the default
+            # stream the order needs no wait. This is that loop without the waits; anywhere else
+            # (another stream, paged states, a bitsandbytes without these hooks) its own step runs.
+            hooks = ("check_overrides", "to_gpu", "init_state", "prefetch_state", "update_step")
+            on_default_stream = not torch.cuda.is_available() or torch.cuda.current_stream() == torch.cuda.default_stream()
+            if self.is_paged or not on_default_stream or not all(hasattr(self, h) for h in hooks):
+                return super()._step_masters(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.prefetch_state(p)
+                    self.update_step(group, p, gindex, pindex)
+            return loss
 
     MasterWeightAdamW8bit.__module__, MasterWeightAdamW8bit.__qualname__ = __name__, "MasterWeightAdamW8bit"
     return MasterWeightAdamW8bit

@@ -138,3 +138,31 @@ def test_collate_order(tmp_path):
     # winner of pair 2 is red 20 -> channel 0 value 20/127.5 - 1
     assert batch["pixels_w"][0, 0, 0, 0].item() == pytest.approx(20 / 127.5 - 1)
     assert batch["pixels_l"][0, 1, 0, 0].item() == pytest.approx(20 / 127.5 - 1)
+
+
+def test_trainer_batches_follow_the_epoch_in_persistent_workers(tmp_path, pair_dir):
+    # The trainer's loader keeps its workers across epochs (re-spawning them stalled each epoch's
+    # first step); a worker's copy of the dataset never sees the training process's epoch, so the
+    # sampler must carry it: every batch equals the dataset's items keyed by (epoch, index).
+    from conftest import tiny_run_config
+
+    from diffpo.losses import get_loss
+    from diffpo.train import micro_batches, setup_accelerator, setup_data
+
+    cfg = tiny_run_config(tmp_path / "out", pair_dir)
+    cfg.data.num_workers, cfg.data.random_flip = 1, True
+    accelerator = setup_accelerator(cfg)
+    data = setup_data(cfg, accelerator, get_loss("mapo"))
+    data.dataloader = accelerator.prepare(data.dataloader)
+    assert data.dataloader.persistent_workers
+    batches = micro_batches(accelerator, data, 0)
+    per_epoch = len(data.dataloader)
+    flips = {}
+    for epoch in range(3):
+        for _ in range(per_epoch):
+            batch = next(batches)
+            for row, index in enumerate(batch["indices"].tolist()):
+                expected = data.dataset[(epoch, index)]
+                torch.testing.assert_close(batch["pixels_w"][row], expected["pixels_w"], atol=0, rtol=0)
+                flips.setdefault(index, set()).add(float(batch["pixels_w"][row].sum()))
+    assert any(len(seen) > 1 for seen in flips.values())  # crops/flips do change between epochs

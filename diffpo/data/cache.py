@@ -243,6 +243,7 @@ class CachedPairDataset(Dataset):
         self._handles: dict[int, object] = {}
 
     def begin_epoch(self, epoch: int) -> None:
+        """The epoch of plain integer keys (the trainer's sampler passes ``(epoch, index)`` keys)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -258,10 +259,11 @@ class CachedPairDataset(Dataset):
             self._handles[i] = safe_open(str(self.root / self.shards[i]["file"]), framework="pt")
         return self._handles[i]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         i = index // self.shard_size
         shard, row = self._shard(i), index - self.shards[i]["start"]
-        flip = self.random_flip and bool(np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5)
+        flip = self.random_flip and bool(np.random.default_rng([self.seed, epoch, index]).random() < 0.5)
         suffix = "_flip" if flip else ""
         item = {"cond": {}, "index": index}
         for key in shard.keys():

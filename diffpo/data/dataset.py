@@ -43,14 +43,16 @@ class PairDataset(Dataset):
         self.epoch = 0
 
     def begin_epoch(self, epoch: int) -> None:
+        """The epoch of plain integer keys (the trainer's sampler passes ``(epoch, index)`` keys)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         record = self.records[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         images = [resize_shorter(record.open(which), self.resolution) for which in ("chosen", "rejected")]
         # Use the smaller of the two sizes so one crop box fits both images.
         w = min(im.size[0] for im in images)
