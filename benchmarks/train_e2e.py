@@ -148,6 +148,7 @@ def train_run(args) -> dict:
     if on_gpu:
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     record["compile_cache_counters"] = compile_cache_counters()
+    record["compile_seconds"] = compile_seconds()
     _write(args.out, record)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items() if k not in ("step_seconds", "data_seconds", "losses", "overrides")}
     print(json.dumps(shown), flush=True)
@@ -161,6 +162,21 @@ def compile_cache_counters() -> dict:
     from torch._dynamo.utils import counters
 
     return {group: {k: v for k, v in counters[group].items() if "cache" in k or "bypass" in k} for group in ("inductor", "aot_autograd")}
+
+
+def compile_seconds(top: int = 30) -> dict[str, float]:
+    """Where torch.compile spent this process's compile time, by phase (Dynamo tracing, AOTAutograd,
+    inductor codegen, cache lookups), the ``top`` longest; empty when nothing was compiled."""
+    from torch._dynamo.utils import compile_times
+
+    rows = {}
+    for line in (compile_times(repr="str", aggregate=True) or "").splitlines()[2:]:
+        name, _, value = line.rpartition(", ")
+        try:
+            rows[name] = float(value)
+        except ValueError:
+            continue
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1])[:top])
 
 
 def _write(path: Path | None, record: dict) -> None:

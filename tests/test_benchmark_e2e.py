@@ -1,0 +1,20 @@
+"""benchmarks/train_e2e.py on the CPU: the GPU throughput driver of issue 16 sets up a random-weight
+model on disk, its pairs and latent cache, and times `diffpo train` from its own metrics.jsonl."""
+
+import json
+
+from benchmarks import train_e2e
+
+
+def test_e2e_driver_sets_up_and_times_the_trainer(tmp_path):
+    work = tmp_path / "work"
+    setup = train_e2e.main(["setup", "--arch", "tiny-sdxl", "--pairs", "4", "--work", str(work), "--device", "cpu"])
+    assert (work / "cache" / "meta.json").is_file() and setup["pairs"] == 4
+    out = tmp_path / "train.json"
+    record = train_e2e.main(["train", "--work", str(work), "--name", "a", "--steps", "3", "--skip", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    assert record["steps"] == 3 and len(record["step_seconds"]) == len(record["data_seconds"]) == 3
+    assert record["median_of_steps"] == "2-3" and record["pairs_per_s"] == record["pairs_per_step"] / record["median_step_s"]
+    assert all(loss is not None for loss in record["losses"]) and record["skipped"] == 0
+    assert set(record["compile_cache_counters"]) == {"inductor", "aot_autograd"}
+    assert not (work / "runs" / "a" / "final").exists()  # saves are left out of timed runs
