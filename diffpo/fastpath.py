@@ -81,13 +81,9 @@ class MasterWeights:
             for (param, master), grad in zip(with_grad, upcast):
                 master.grad = grad
                 param.grad = None
-        loss = self._step_masters(closure)
+        loss = super().step(closure)
         torch._foreach_copy_(self.model_params, masters)  # round the float32 masters into the weights
         return loss
-
-    def _step_masters(self, closure):
-        """The wrapped optimizer's step over the masters (a subclass may replace it)."""
-        return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.model_params:
@@ -134,27 +130,27 @@ class MasterWeightAdamW(MasterWeights, torch.optim.AdamW):
 
 
 @functools.cache
-def _master_weight_adamw8bit() -> type:
-    import bitsandbytes  # optional: only this optimizer needs it (pip install bitsandbytes)
+def _adamw8bit() -> type:
+    import bitsandbytes  # optional: only the 8-bit optimizers need it (pip install bitsandbytes)
 
-    class MasterWeightAdamW8bit(MasterWeights, bitsandbytes.optim.AdamW8bit):
-        """bitsandbytes' ``AdamW8bit`` over float32 masters (``MasterWeights``): the moments in 8
-        bits (blockwise quantized; tensors under ``min_8bit_size`` elements, 4096 by default, keep
-        32-bit moments), the masters and the update in float32. bitsandbytes' per-parameter
-        overrides (``GlobalOptimManager``) name the network's parameters, not the masters: they do
-        not apply here."""
+    class AdamW8bit(bitsandbytes.optim.AdamW8bit):
+        """bitsandbytes' ``AdamW8bit`` without its per-parameter GPU waits, same updates.
 
-        def _step_masters(self, closure):
-            # bitsandbytes 0.50's ``Optimizer8bit.step`` calls ``torch.cuda.synchronize()`` after
-            # every parameter: ~1700 host waits per SDXL step, which made the 8-bit step 270 ms
-            # slower than the 32-bit one on an H200 (issue 16, BENCHMARKS.md); upstream removes it
-            # (bitsandbytes PR #2050). Its kernels run on the legacy default stream, so on the default
-            # stream the order needs no wait. This is that loop without the waits; anywhere else
-            # (another stream, paged states, a bitsandbytes without these hooks) its own step runs.
-            hooks = ("check_overrides", "to_gpu", "init_state", "prefetch_state", "update_step")
+        bitsandbytes 0.50's ``Optimizer8bit.step`` calls ``torch.cuda.synchronize()`` after every
+        parameter: ~1700 host waits per SDXL step, which made the 8-bit step 270 ms slower than the
+        32-bit one on an H200 (issue 16, BENCHMARKS.md); upstream removes them (bitsandbytes PR
+        #2050). Its kernels run on the legacy default stream, so on the default stream the order
+        needs no wait: ``step`` is that loop without the waits. Anywhere else (another stream, paged
+        states, a bitsandbytes without these hooks) bitsandbytes' own step runs.
+        """
+
+        _HOOKS = ("check_overrides", "to_gpu", "init_state", "prefetch_state", "update_step")
+
+        @torch.no_grad()
+        def step(self, closure=None):
             on_default_stream = not torch.cuda.is_available() or torch.cuda.current_stream() == torch.cuda.default_stream()
-            if self.is_paged or not on_default_stream or not all(hasattr(self, h) for h in hooks):
-                return super()._step_masters(closure)
+            if self.is_paged or not on_default_stream or not all(hasattr(self, h) for h in self._HOOKS):
+                return super().step(closure)
             loss = None
             if closure is not None:
                 with torch.enable_grad():
@@ -173,15 +169,30 @@ def _master_weight_adamw8bit() -> type:
                     self.update_step(group, p, gindex, pindex)
             return loss
 
+    AdamW8bit.__module__, AdamW8bit.__qualname__ = __name__, "AdamW8bit"
+    return AdamW8bit
+
+
+@functools.cache
+def _master_weight_adamw8bit() -> type:
+    class MasterWeightAdamW8bit(MasterWeights, _adamw8bit()):
+        """8-bit AdamW (``AdamW8bit``: bitsandbytes' without its per-parameter waits) over float32
+        masters (``MasterWeights``): the moments in 8 bits (blockwise quantized; tensors under
+        ``min_8bit_size`` elements, 4096 by default, keep 32-bit moments), the masters and the
+        update in float32. bitsandbytes' per-parameter overrides (``GlobalOptimManager``) name the
+        network's parameters, not the masters: they do not apply here."""
+
     MasterWeightAdamW8bit.__module__, MasterWeightAdamW8bit.__qualname__ = __name__, "MasterWeightAdamW8bit"
     return MasterWeightAdamW8bit
 
 
 def __getattr__(name: str):
-    # ``MasterWeightAdamW8bit`` subclasses a bitsandbytes class: built on first use, so that
+    # ``AdamW8bit`` and ``MasterWeightAdamW8bit`` subclass a bitsandbytes class: built on first use, so that
     # importing this module does not need bitsandbytes (ImportError when it is missing)
     if name == "MasterWeightAdamW8bit":
         return _master_weight_adamw8bit()
+    if name == "AdamW8bit":
+        return _adamw8bit()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -201,15 +201,13 @@ def build_optimizer(params, cfg: Config, device: torch.device | str = "cpu"):
     kwargs = dict(lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon)
     if tc.use_8bit_adam:
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes  # noqa: F401  (here, for a clear error when it is missing)
         except ImportError:
             raise TrainingError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        if tc.weight_dtype == "bf16":
-            # built on first use: it subclasses bitsandbytes' AdamW8bit
-            from diffpo.fastpath import MasterWeightAdamW8bit
+        # built on first use (they subclass bitsandbytes' AdamW8bit, without its per-parameter waits)
+        from diffpo.fastpath import AdamW8bit, MasterWeightAdamW8bit
 
-            return MasterWeightAdamW8bit(params, **kwargs)
-        return bnb.optim.AdamW8bit(params, **kwargs)
+        return (MasterWeightAdamW8bit if tc.weight_dtype == "bf16" else AdamW8bit)(params, **kwargs)
     if tc.weight_dtype == "bf16":
         return MasterWeightAdamW(params, **kwargs)
     return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)
