@@ -121,13 +121,17 @@ def train_run(args) -> dict:
         f"train.compile_cache_dir={args.work / 'compile_cache'}", "logging.report_to=none", "logging.progress=false",
     ] + ([] if on_gpu else ["train.mixed_precision=no", "train.weight_dtype=float32", "train.compile=none", "data.num_workers=0"]) + list(args.overrides)
     cfg = load_config(args.config, overrides)
+    saves = train_module.save_checkpoint, train_module.save_final
     if not args.save:  # the steps are timed; the saves (tens of GB at SDXL size) come after them
         train_module.save_checkpoint = lambda *a, **k: None
         train_module.save_final = lambda cfg, accelerator, *a, **k: Path(cfg.output_dir) / "final"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = train_module.train(cfg)
+    try:
+        result = train_module.train(cfg)
+    finally:  # the trainer saves again for whatever runs next in this process
+        train_module.save_checkpoint, train_module.save_final = saves
     wall = time.perf_counter() - started
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [m["step_seconds"] for m in lines]

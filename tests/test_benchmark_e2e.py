@@ -18,3 +18,6 @@ def test_e2e_driver_sets_up_and_times_the_trainer(tmp_path):
     assert all(loss is not None for loss in record["losses"]) and record["skipped"] == 0
     assert set(record["compile_cache_counters"]) == {"inductor", "aot_autograd"}
     assert not (work / "runs" / "a" / "final").exists()  # saves are left out of timed runs
+    from diffpo import train as train_module
+
+    assert train_module.save_final.__name__ == "save_final"  # and are back for the rest of the process
