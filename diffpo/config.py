@@ -133,7 +133,7 @@ class DataConfig:
     max_pairs: int | None = None
     """Use only the first N pairs; None: all of them."""
     num_workers: int = 0
-    """DataLoader worker processes; 0 loads in the training process."""
+    """DataLoader worker processes, kept across epochs; 0 loads in the training process."""
     cache: str | None = None
     """A latent cache folder written by ``diffpo cache`` (VAE latents and text embeddings of these
     pairs). Training then reads it instead of encoding, and never loads the VAE or text encoders;
