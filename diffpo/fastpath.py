@@ -19,8 +19,8 @@ The master logic (``MasterWeights``) is a mixin over any torch optimizer class, 
 the public MaPO recipe trains SDXL with bitsandbytes' ``AdamW8bit`` (``--use_8bit_adam``), and
 AdamW's two float32 moments of SDXL's 2.57B UNet parameters take 20.6 GB (19.1 GiB) where 8-bit
 ones take 5.1 GB plus a float32 scale per 256 values. Issue 16: the fast path without gradient
-checkpointing peaked at 79.2 GiB (limit 76 GiB for an 80 GB H100); the ~14 GiB saved should let it
-drop checkpointing (a prediction: BENCHMARKS.md records the measurement).
+checkpointing peaked at 77.4 GiB (limit 76 GiB for an 80 GB H100); 8-bit moments brought it to
+64.9 GiB on an H200 (BENCHMARKS.md, issue 16's table).
 ``MasterWeightAdamW8bit`` (``train.use_8bit_adam`` with ``train.weight_dtype=bf16``) keeps the
 float32 masters and steps them with ``AdamW8bit``; bitsandbytes stays optional, imported on first use.
 """
