@@ -94,6 +94,7 @@ for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever"):
         r = json.loads(path.read_text())
         print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ("first_step_s", "median_step_s", "pairs_per_s", "peak_mem_gib", "mean_step_s_after_skip", "wall_s", "skipped")})
         print("  steps", [round(x, 3) for x in r["step_seconds"]], "data max", round(max(x or 0 for x in r["data_seconds"]), 3))
+        print("  compile cache", r.get("compile_cache_counters"), "phases", list((r.get("compile_seconds") or {}).items())[:8])
 path = out / "harness.json"
 if path.is_file():
     from benchmarks.train_step import format_table
