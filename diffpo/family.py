@@ -83,6 +83,10 @@ class Family:
         """``encoders=False``: only the network and scheduler (training from a latent cache)."""
         raise NotImplementedError
 
+    def load_network(self, path: str, cfg: ModelConfig, network_class, scheduler_class) -> tuple[nn.Module, Any]:
+        """The trained network (from ``network_subfolder``) and the training scheduler of a pipeline."""
+        return from_subfolder(network_class, path, cfg, self.network_subfolder), from_subfolder(scheduler_class, path, cfg, "scheduler", weights=False)
+
     # --- training-time computation ---------------------------------------------------------------
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:
         raise NotImplementedError  # pragma: no cover
@@ -205,6 +209,13 @@ def family_for_pipeline(class_name: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # Reading a model folder or hub repo
 # ----------------------------------------------------------------------------------------------
+
+
+def from_subfolder(cls, path: str, cfg: ModelConfig, subfolder: str, *, weights: bool = True):
+    """``cls.from_pretrained`` of one part of a pipeline folder or hub repo at ``model.revision``;
+    parts with weights also at ``model.variant`` (tokenizers and schedulers have no variants)."""
+    kwargs = {"variant": cfg.variant} if weights else {}
+    return cls.from_pretrained(path, subfolder=subfolder, revision=cfg.revision, **kwargs)
 
 
 def _has_component(path: str, name: str) -> bool:

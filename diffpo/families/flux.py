@@ -9,7 +9,7 @@ from torch import nn
 
 from diffpo.config import ModelConfig
 from diffpo.families.common import LatentFamily, tokenize
-from diffpo.family import Components, register_family
+from diffpo.family import Components, from_subfolder, register_family
 from diffpo.tiny import build_tokenizer, tiny_clip, tiny_t5, tiny_vae
 
 Tensor = torch.Tensor
@@ -72,15 +72,13 @@ class FluxFamily(LatentFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        kw = {"revision": cfg.revision}
-        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", variant=cfg.variant, **kw)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        transformer, scheduler = self.load_network(path, cfg, FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler)
         if not encoders:
             return Components(self, transformer, scheduler, [], [], source=path)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
-        clip = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=cfg.variant, **kw)
-        t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", variant=cfg.variant, **kw)
-        tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f, **kw) for f in ("tokenizer", "tokenizer_2")]
+        vae = from_subfolder(AutoencoderKL, path, cfg, "vae")
+        clip = from_subfolder(CLIPTextModel, path, cfg, "text_encoder")
+        t5 = from_subfolder(T5EncoderModel, path, cfg, "text_encoder_2")
+        tokenizers = [from_subfolder(AutoTokenizer, path, cfg, f, weights=False) for f in ("tokenizer", "tokenizer_2")]
         return Components(self, transformer, scheduler, [clip, t5], tokenizers, vae=vae, source=path)
 
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from diffpo.config import ModelConfig
 from diffpo.families.common import UNET_COMPILE_BLOCKS
-from diffpo.family import Components, Family, _has_component, register_family
+from diffpo.family import Components, Family, _has_component, from_subfolder, register_family
 from diffpo.tiny import tiny_text_parts, tiny_unet, tiny_vae
 
 Tensor = torch.Tensor
@@ -57,16 +57,12 @@ class StableDiffusionFamily(Family):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
-        kw = {"revision": cfg.revision}
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=cfg.variant, **kw)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        unet, scheduler = self.load_network(path, cfg, UNet2DConditionModel, DDPMScheduler)
         if not encoders:
             return Components(self, unet, scheduler, [], [], source=path)
-        vae = None
-        if _has_component(path, "vae"):
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=cfg.variant, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+        vae = from_subfolder(AutoencoderKL, path, cfg, "vae") if _has_component(path, "vae") else None
+        text_encoder = from_subfolder(CLIPTextModel, path, cfg, "text_encoder")
+        tokenizer = from_subfolder(AutoTokenizer, path, cfg, "tokenizer", weights=False)
         return Components(self, unet, scheduler, [text_encoder], [tokenizer], vae=vae, source=path)
 
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from diffpo.config import ModelConfig
 from diffpo.families.common import LatentFamily, clip_embeds, tokenize
-from diffpo.family import Components, _has_component, register_family
+from diffpo.family import Components, _has_component, from_subfolder, register_family
 from diffpo.tiny import build_tokenizer, tiny_clip, tiny_t5, tiny_vae
 
 Tensor = torch.Tensor
@@ -61,17 +61,15 @@ class SD3Family(LatentFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        kw = {"revision": cfg.revision}
-        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", variant=cfg.variant, **kw)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        transformer, scheduler = self.load_network(path, cfg, SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler)
         if not encoders:
             return Components(self, transformer, scheduler, [], [], source=path)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
-        encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=f, variant=cfg.variant, **kw) for f in ("text_encoder", "text_encoder_2")]
-        tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f, **kw) for f in ("tokenizer", "tokenizer_2")]
+        vae = from_subfolder(AutoencoderKL, path, cfg, "vae")
+        encoders = [from_subfolder(CLIPTextModelWithProjection, path, cfg, f) for f in ("text_encoder", "text_encoder_2")]
+        tokenizers = [from_subfolder(AutoTokenizer, path, cfg, f, weights=False) for f in ("tokenizer", "tokenizer_2")]
         if _has_component(path, "text_encoder_3"):  # SD3 may ship without T5: zeros then, as the pipeline does
-            encoders.append(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", variant=cfg.variant, **kw))
-            tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw))
+            encoders.append(from_subfolder(T5EncoderModel, path, cfg, "text_encoder_3"))
+            tokenizers.append(from_subfolder(AutoTokenizer, path, cfg, "tokenizer_3", weights=False))
         return Components(self, transformer, scheduler, encoders, tokenizers, vae=vae, source=path)
 
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:

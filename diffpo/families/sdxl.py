@@ -21,7 +21,7 @@ from torch import nn
 
 from diffpo.config import ModelConfig
 from diffpo.families.common import UNET_COMPILE_BLOCKS, LatentFamily, clip_embeds, vae_scale_factor
-from diffpo.family import Components, register_family
+from diffpo.family import Components, from_subfolder, register_family
 from diffpo.tiny import build_tokenizer, tiny_clip, tiny_vae
 
 Tensor = torch.Tensor
@@ -85,22 +85,16 @@ class SDXLFamily(LatentFamily):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-        kw = {"revision": cfg.revision}
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=cfg.variant, **kw)
         # Training noise schedule: DDPM over the model's betas (train_text_to_image_sdxl.py).
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        unet, scheduler = self.load_network(path, cfg, UNet2DConditionModel, DDPMScheduler)
         if not encoders:  # time ids still need the VAE's downsampling factor: read its config only
-            vae_config = AutoencoderKL.load_config(self.vae_path) if self.vae_path else AutoencoderKL.load_config(path, subfolder="vae", **kw)
+            vae_config = AutoencoderKL.load_config(self.vae_path) if self.vae_path else AutoencoderKL.load_config(path, subfolder="vae", revision=cfg.revision)
             factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
             return Components(self, unet, scheduler, [], [], source=path, extras={"vae_scale_factor": factor})
-        if self.vae_path:
-            vae = AutoencoderKL.from_pretrained(self.vae_path)
-        else:
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=cfg.variant, **kw)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=cfg.variant, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
+        vae = AutoencoderKL.from_pretrained(self.vae_path) if self.vae_path else from_subfolder(AutoencoderKL, path, cfg, "vae")
+        text_encoder = from_subfolder(CLIPTextModel, path, cfg, "text_encoder")
+        text_encoder_2 = from_subfolder(CLIPTextModelWithProjection, path, cfg, "text_encoder_2")
+        tokenizer, tokenizer_2 = (from_subfolder(AutoTokenizer, path, cfg, f, weights=False) for f in ("tokenizer", "tokenizer_2"))
         return Components(self, unet, scheduler, [text_encoder, text_encoder_2], [tokenizer, tokenizer_2], vae=vae, source=path)
 
     def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, Tensor]:
