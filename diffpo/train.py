@@ -57,8 +57,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """A permutation that depends only on (seed, epoch): data order survives a resume.
 
     Yields ``(epoch, index)``: the datasets key their random crop and flip on it, so the epoch
-    reaches DataLoader workers that persist across epochs (``persistent_workers``; a worker's copy
-    of the dataset never sees ``begin_epoch`` calls made in the training process)."""
+    reaches DataLoader workers that persist across epochs (``persistent_workers``: a worker's copy
+    of the dataset would never see an epoch set on it in the training process)."""
 
     def __init__(self, size: int, seed: int, shuffle: bool = True):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0

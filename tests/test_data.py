@@ -116,15 +116,14 @@ def test_same_crop_and_flip_for_both_images(tmp_path):
     seen = set()
     for epoch in range(8):
         ds = PairDataset(records, resolution=32, seed=0)
-        ds.begin_epoch(epoch)
-        item = ds[0]
+        item = ds[(epoch, 0)]
         w, l = item["pixels_w"], item["pixels_l"]
         assert w.shape == (3, 32, 32) and w.min() >= -1 and w.max() <= 1
         # loser = 255 - winner pixelwise, so in [-1, 1] space l = -w when crops/flips agree
         torch.testing.assert_close(l, -w, atol=0.01, rtol=0)  # one grey level of resize rounding
         seen.add(round(float(w[0, 0, 0]), 3))
         # deterministic in (seed, epoch, index)
-        torch.testing.assert_close(ds[0]["pixels_w"], w)
+        torch.testing.assert_close(ds[(epoch, 0)]["pixels_w"], w)
     assert len(seen) > 1  # crops/flips vary across epochs
 
 

@@ -239,12 +239,7 @@ class CachedPairDataset(Dataset):
         self.size = meta["num_pairs"]
         self.random_flip = random_flip
         self.seed = seed
-        self.epoch = 0
         self._handles: dict[int, object] = {}
-
-    def begin_epoch(self, epoch: int) -> None:
-        """The epoch of plain integer keys (the trainer's sampler passes ``(epoch, index)`` keys)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.size
@@ -260,7 +255,7 @@ class CachedPairDataset(Dataset):
         return self._handles[i]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        epoch, index = key if isinstance(key, tuple) else (0, key)  # the trainer's sampler gives (epoch, index)
         i = index // self.shard_size
         shard, row = self._shard(i), index - self.shards[i]["start"]
         flip = self.random_flip and bool(np.random.default_rng([self.seed, epoch, index]).random() < 0.5)

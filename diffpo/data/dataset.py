@@ -26,7 +26,8 @@ def resize_shorter(image: Image.Image, size: int) -> Image.Image:
 
 class PairDataset(Dataset):
     """Yields ``{"pixels_w", "pixels_l", "prompt", "rejected_prompt"}`` (the latter is the pair's
-    prompt unless the record names another); randomness depends only on (seed, epoch, index).
+    prompt unless the record names another) for a key ``(epoch, index)``, or ``index`` (epoch 0);
+    randomness depends only on (seed, epoch, index).
 
     Both images are resized so their shorter side is ``resolution``, then cropped at the same
     offset and flipped together, so the pair stays comparable (the papers' scripts do the same).
@@ -40,17 +41,12 @@ class PairDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
-        self.epoch = 0
-
-    def begin_epoch(self, epoch: int) -> None:
-        """The epoch of plain integer keys (the trainer's sampler passes ``(epoch, index)`` keys)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        epoch, index = key if isinstance(key, tuple) else (0, key)  # the trainer's sampler gives (epoch, index)
         record = self.records[index]
         rng = np.random.default_rng([self.seed, epoch, index])
         images = [resize_shorter(record.open(which), self.resolution) for which in ("chosen", "rejected")]
