@@ -241,15 +241,15 @@ def test_8bit_master_weights_step_as_bitsandbytes_steps_float32_weights():
         reference_optimizer.step()
         optimizer.zero_grad()
 
-    masters = optimizer.param_groups[0]["params"]
-    for master, ref, param, start in zip(masters, reference, params, initial):
+    for master, ref, param, start in zip(optimizer.masters, reference, params, initial):
         assert master.dtype == torch.float32 and not torch.equal(master, start)  # it trained
         assert torch.equal(master, ref.detach())  # bit for bit bitsandbytes' float32 step
         assert torch.equal(param.detach(), master.to(torch.bfloat16))  # the weights are the masters rounded
         assert param.grad is None
-    moments = {tuple(m.shape): (optimizer.state[m]["state1"].dtype, optimizer.state[m]["state2"].dtype) for m in masters}
-    assert moments[(128, 64)] == moments[(64, 128)] == (torch.uint8, torch.uint8)
-    assert moments[(128,)] == (torch.float32, torch.float32)  # too small to quantize
+    # the masters live in two flat buckets, one per kind of moments: the weights' (8-bit), the biases' (too small to quantize)
+    buckets = optimizer.param_groups[0]["params"]
+    moments = sorted((b.numel(), optimizer.state[b]["state1"].dtype, optimizer.state[b]["state2"].dtype) for b in buckets)
+    assert moments == [(2 * 256, torch.float32, torch.float32), (2 * 8192, torch.uint8, torch.uint8)]  # each starts on a 256-block
     assert find_master_optimizer(optimizer) is optimizer
 
     float32_moments = MasterWeightAdamW([p for p in _bf16_mlp(0).parameters()], lr=1e-3)
@@ -275,7 +275,7 @@ def test_8bit_master_weights_resume_bit_identically_from_a_saved_state():
     resumed = MasterWeightAdamW8bit(other.parameters(), lr=1e-3)
     resumed.load_state_dict(torch.load(saved, weights_only=True))
 
-    masters, restored = optimizer.param_groups[0]["params"], resumed.param_groups[0]["params"]
+    masters, restored = optimizer.masters, resumed.masters
     for master, again in zip(masters, restored):
         assert torch.equal(again, master)
     # float32 values, not their bf16 rounding
@@ -286,7 +286,9 @@ def test_8bit_master_weights_resume_bit_identically_from_a_saved_state():
             opt.step()
     for master, again in zip(masters, restored):
         assert torch.equal(again, master)
-        assert torch.equal(resumed.state[again]["state1"], optimizer.state[master]["state1"])
+    for bucket, again in zip(optimizer.param_groups[0]["params"], resumed.param_groups[0]["params"]):
+        for key in ("state1", "state2"):
+            assert torch.equal(resumed.state[again][key], optimizer.state[bucket][key])
     for a, b in zip(network.parameters(), other.parameters()):
         assert torch.equal(a, b)
 
@@ -368,4 +370,42 @@ def test_8bit_adam_skips_bitsandbytes_per_parameter_waits(weight_dtype, monkeypa
     waits.clear()
     _set_grads(params, 2)
     optimizer.step()
-    assert len(waits) >= len(params)
+    assert len(waits) >= len(optimizer.param_groups[0]["params"])  # bf16: one per flat bucket of masters
+
+
+def test_8bit_masters_step_each_bucket_once_and_match_bitsandbytes_across_bucket_boundaries(monkeypatch):
+    """The flat buckets' point: one bitsandbytes update call per bucket, not per parameter (host
+    overhead ~1700 times per SDXL step). With a bucket cap that splits the parameters over several
+    buckets, each parameter still steps bit for bit as bitsandbytes steps it alone; a parameter
+    without a gradient steps with a zero one (DeepSpeed's flat-optimizer rule)."""
+    import bitsandbytes as bnb
+    from bitsandbytes import functional as F
+
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    torch.manual_seed(3)
+    shapes = [(70, 300), (5000,), (33,), (4096,), (64, 65), (7,)]  # odd sizes: gaps before the next 256-block
+    params = [torch.nn.Parameter(torch.randn(shape).to(torch.bfloat16)) for shape in shapes]
+    reference = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    optimizer = type("SmallBuckets", (MasterWeightAdamW8bit,), {"bucket_elements": 25_000})(params, lr=1e-2)
+    reference_optimizer = bnb.optim.AdamW8bit(reference, lr=1e-2)
+    kinds = [(bucket.kind, [shapes[i] for i in bucket.members]) for bucket in optimizer._buckets]
+    assert kinds == [("8bit", [(70, 300)]), ("8bit", [(5000,), (4096,), (64, 65)]), ("32bit", [(33,), (7,)])]
+    calls = []
+    for name in ("optimizer_update_8bit_blockwise", "optimizer_update_32bit"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    for step in range(3):
+        _set_grads(params, step)
+        params[4].grad = None if step == 1 else params[4].grad  # no gradient at step 1: a zero one
+        for param, ref in zip(params, reference):
+            ref.grad = param.grad.float() if param.grad is not None else torch.zeros_like(ref)
+        calls.clear()
+        optimizer.step()
+        assert calls == ["optimizer_update_8bit_blockwise", "optimizer_update_8bit_blockwise", "optimizer_update_32bit"]
+        calls.clear()
+        reference_optimizer.step()
+        assert len(calls) == len(params)
+    for master, ref, param in zip(optimizer.masters, reference, params):
+        assert torch.equal(master, ref.detach())
+        assert torch.equal(param.detach(), master.to(torch.bfloat16))

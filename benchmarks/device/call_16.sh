@@ -20,7 +20,7 @@ XL=${XL:-sdxl} PAIRS=${PAIRS:-64} DEV=${DEV:-cuda} STEPS=${STEPS:-20} HSTEPS=${H
 # selective checkpointing: the 128/64-px blocks without up_blocks.1; all 128/64-px blocks; the 32-px down block
 LEVERS=${LEVERS:-"down_blocks.0:down_blocks.1:up_blocks.2 down_blocks.0:down_blocks.1:up_blocks.1:up_blocks.2 down_blocks.2"}
 WORK=${WORK:-/tmp/e2e16}
-STAGES=${STAGES:-"setup cold warm harness lever fp16"}
+STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py)
 RESERVE=${RESERVE:-25}  # seconds the harness leaves to the stages after it
 # STAGES run in the order given
 START=$(date +%s)
@@ -75,6 +75,11 @@ PY
   [ -z "$lever" ] && [ -n "$best" ] && lever="model.gradient_checkpointing=[${best//:/,}]"
   if [ -n "$lever" ] && [ "$(left)" -gt 100 ]; then train lever $(( $(left) - 15 )) $lever; fi
 }
+run_optim() {  # the optimizer step alone, side by side: fused AdamW, 8-bit per tensor, 8-bit flat buckets
+  stage optimizer_step
+  timeout $(cap 90) python3 -m benchmarks.optimizer_step --arch $XL --device $DEV --out "$OUT/optimizer_step.json" > "$OUT/logs/optimizer_step.log" 2>&1
+  stage "optimizer_step rc=$?"
+}
 run_fp16() {  # the one trainer guard that runs on a GPU only
   if [ "$(left)" -gt 40 ]; then
     stage fp16 test
@@ -95,6 +100,12 @@ for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever"):
         print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ("first_step_s", "median_step_s", "pairs_per_s", "peak_mem_gib", "mean_step_s_after_skip", "wall_s", "skipped")})
         print("  steps", [round(x, 3) for x in r["step_seconds"]], "data max", round(max(x or 0 for x in r["data_seconds"]), 3))
         print("  compile cache", r.get("compile_cache_counters"), "phases", list((r.get("compile_seconds") or {}).items())[:8])
+path = out / "optimizer_step.json"
+if path.is_file():
+    r = json.loads(path.read_text())
+    print("optimizer step:", r["tensors"], "tensors; 8-bit layouts identical:", r["identical"])
+    for row in r["rows"]:
+        print(" ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items() if k != "wall_ms_all"})
 path = out / "harness.json"
 if path.is_file():
     from benchmarks.train_step import format_table

@@ -1,0 +1,123 @@
+"""The optimizer step alone, side by side, on a real network's parameter shapes (issue 16).
+
+    python -m benchmarks.optimizer_step --arch sdxl --out benchmarks/results/optimizer_step.json
+    python -m benchmarks.optimizer_step --arch tiny-sdxl --device cpu --steps 2   # smoke run
+
+The network's parameters in bf16 with fixed random bf16 gradients, stepped by each optimizer of the
+fast path in turn (one in memory at a time):
+
+- ``adamw``: ``MasterWeightAdamW``, float32 masters and moments, torch's fused AdamW;
+- ``8bit-per-tensor``: float32 masters, bitsandbytes' 8-bit AdamW called once per parameter (the
+  layout before flat buckets; diffpo's wait-free step);
+- ``8bit-flat``: ``MasterWeightAdamW8bit``, the masters in flat buckets, one call per bucket.
+
+Per step: the host time of ``step()`` (Python and kernel launches; the GPU idles for it when the
+step follows a host sync, as in the trainer) and the wall time until the GPU is done. Before timing,
+the two 8-bit layouts step twice from the same start and must agree bit for bit (``identical``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.archs import ARCHS
+from benchmarks.train_step import environment, synchronize
+
+
+def _parameters(arch: str, device: torch.device) -> list[torch.nn.Parameter]:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        shapes = [p.shape for p in UNet2DConditionModel(**ARCHS[arch].unet).parameters()]
+    generator = torch.Generator(device).manual_seed(0)
+    return [torch.nn.Parameter(0.02 * torch.randn(shape, generator=generator, device=device).to(torch.bfloat16)) for shape in shapes]
+
+
+def _optimizers() -> dict:
+    from diffpo.fastpath import AdamW8bit, MasterWeightAdamW, MasterWeightAdamW8bit, MasterWeights
+
+    class PerTensorMasterAdamW8bit(MasterWeights, AdamW8bit):
+        """Float32 masters stepped tensor by tensor (the layout before flat buckets)."""
+
+    return {"adamw": MasterWeightAdamW, "8bit-per-tensor": PerTensorMasterAdamW8bit, "8bit-flat": MasterWeightAdamW8bit}
+
+
+def _time_steps(optimizer, params, grads, steps: int, device: torch.device) -> dict:
+    host, wall = [], []
+    for _ in range(steps):
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.step()
+        host.append(time.perf_counter() - start)
+        synchronize(device)
+        wall.append(time.perf_counter() - start)
+    return {"host_ms": 1e3 * statistics.median(host), "wall_ms": 1e3 * statistics.median(wall), "wall_ms_all": [round(1e3 * w, 3) for w in wall]}
+
+
+def identical_8bit_layouts(params, grads) -> bool:
+    """Two steps of the per-tensor and the flat 8-bit optimizers from the same weights agree bit for bit."""
+    kinds = _optimizers()
+    results = []
+    for name in ("8bit-per-tensor", "8bit-flat"):
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        optimizer = kinds[name](copies, lr=1e-4, weight_decay=1e-2)
+        for _ in range(2):
+            for copy, grad in zip(copies, grads):
+                copy.grad = grad
+            optimizer.step()
+        results.append([m.detach().clone() for m in optimizer.masters])
+        del optimizer, copies
+        gc.collect()
+    return all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="sdxl")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    params = _parameters(args.arch, device)
+    generator = torch.Generator(device).manual_seed(1)
+    grads = [(1e-3 * torch.randn(p.shape, generator=generator, device=device)).to(torch.bfloat16) for p in params]
+    result = {
+        "arch": args.arch,
+        "tensors": len(params),
+        "parameters": sum(p.numel() for p in params),
+        "environment": environment(device),
+        "identical": identical_8bit_layouts(params, grads),
+        "rows": [],
+    }
+    print(f"{args.arch}: {result['tensors']} tensors, {result['parameters'] / 1e9:.3f}B parameters; 8-bit layouts identical: {result['identical']}", flush=True)
+    for name, cls in _optimizers().items():
+        optimizer = cls(params, lr=1e-4, weight_decay=1e-2)
+        _time_steps(optimizer, params, grads, args.warmup, device)
+        row = {"optimizer": name, **_time_steps(optimizer, params, grads, args.steps, device)}
+        if device.type == "cuda":
+            row["state_gib"] = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)) / 2**30
+        result["rows"].append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "wall_ms_all"}), flush=True)
+        del optimizer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
