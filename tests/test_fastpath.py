@@ -194,6 +194,28 @@ def test_trainer_syncs_the_host_once_per_optimizer_step(tmp_path, pair_dir, mode
     assert all(m["loss"] is not None and m["grad_norm"] > 0 and m["step_seconds"] > 0 and m["data_seconds"] >= 0 for m in metrics)
 
 
+def test_trainer_takes_the_next_batch_before_the_steps_host_sync(tmp_path, pair_dir, model_cache, monkeypatch):
+    """The next micro-batch is taken from the loader while the device still runs the backward,
+    before the step's one host sync (after it, the device would idle while the host fetches and
+    copies the batch); with accumulation 2, each micro-step takes the next one after its backward."""
+    from diffpo import train as train_module
+
+    events = []
+    host_rows, micro_batches = train_module._host_rows, train_module.micro_batches
+
+    def logged_batches(*args):
+        for batch in micro_batches(*args):
+            events.append("batch")
+            yield batch
+
+    monkeypatch.setattr(train_module, "_host_rows", lambda acc, values: events.append("sync") or host_rows(acc, values))
+    monkeypatch.setattr(train_module, "micro_batches", logged_batches)
+    out = tmp_path / "prefetch"
+    train(tiny_run_config(out, pair_dir, train={"max_steps": 2, "gradient_accumulation_steps": 2}), cache_dir=model_cache)
+    assert events == ["batch", "batch", "batch", "sync", "batch", "batch", "sync"]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
 # ---------------------------------------------------------------------------------------------
 # Issue 16: 8-bit AdamW moments over the float32 masters (bitsandbytes is a test dependency)
 # ---------------------------------------------------------------------------------------------
