@@ -210,6 +210,11 @@ class TrainConfig:
     (``diffpo.fastpath.use_compile_cache``)."""
     channels_last: bool = False
     """channels_last memory format for the trained network (convolutions on tensor cores)."""
+    cudnn_benchmark: bool = False
+    """``torch.backends.cudnn.benchmark`` for the run: cuDNN times its convolution algorithms on each
+    new shape and keeps the fastest (the resolution is fixed, so once, in the first step). The
+    chosen algorithms can differ between processes, so a resumed GPU run then matches an
+    uninterrupted one only to rounding; off by default (PyTorch's reproducibility advice)."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint-N/ folder every N optimizer steps."""
     checkpoints_total_limit: int | None = 3

@@ -304,6 +304,7 @@ def setup_accelerator(cfg: Config):
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     set_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = tc.cudnn_benchmark  # process-wide: set for every run, also back to off
     if accelerator.distributed_type == DistributedType.FSDP and cfg.model.lora.enabled:
         raise TrainingError("LoRA under FSDP is not supported (adapters are small: train LoRA with DDP, configs/accelerate/ddp.yaml)")
     if tc.weight_dtype == "bf16" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):

@@ -1,11 +1,13 @@
 """The fast path: bf16 weights with float32 masters, compilation, and their training runs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import read_metrics, tiny_run_config
 from safetensors.torch import load_file
 
-from diffpo.config import ConfigError, config_from_dict
+from diffpo.config import ConfigError, config_from_dict, load_config
 from diffpo.fastpath import MasterWeightAdamW, compile_network, compiled_regions
 from diffpo.train import train
 
@@ -431,3 +433,16 @@ def test_8bit_masters_step_each_bucket_once_and_match_bitsandbytes_across_bucket
     for master, ref, param in zip(optimizer.masters, reference, params):
         assert torch.equal(master, ref.detach())
         assert torch.equal(param.detach(), master.to(torch.bfloat16))
+
+
+def test_cudnn_benchmark_follows_the_run_config_both_ways(tmp_path, monkeypatch):
+    """Process-wide: an earlier run's setting must not leak into the next run of the same process."""
+    from diffpo.train import setup_accelerator
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after the test
+    for setting in (True, False):
+        cfg = config_from_dict({"output_dir": str(tmp_path), "model": {"pretrained": "tiny:sd"}, "data": {"source": "x"}, "train": {"cudnn_benchmark": setting}})
+        setup_accelerator(cfg)
+        assert torch.backends.cudnn.benchmark is setting
+    fast = load_config(Path(__file__).resolve().parents[1] / "configs" / "sdxl_mapo_fast.yaml")
+    assert fast.train.cudnn_benchmark  # the harness times its cases with it on: the trainer's fast config too
