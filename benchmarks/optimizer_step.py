@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
         "arch": args.arch,
         "tensors": len(params),
         "parameters": sum(p.numel() for p in params),
-        "environment": environment(device),
+        "environment": environment(device, "benchmarks.optimizer_step"),
         "identical": identical_8bit_layouts(params, grads),
         "rows": [],
     }

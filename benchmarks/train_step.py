@@ -402,7 +402,7 @@ def time_by_kind(prof, device: torch.device) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, module: str = "benchmarks.train_step") -> dict:
     import accelerate
     import diffusers
     import transformers
@@ -415,7 +415,7 @@ def environment(device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
         "bitsandbytes": _installed_version("bitsandbytes"),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.train_step", *sys.argv[1:]]),
+        "command": " ".join([os.path.basename(sys.executable), "-m", module, *sys.argv[1:]]),
     }
     if device.type == "cuda":
         env["device"] = torch.cuda.get_device_name(device)
