@@ -170,16 +170,14 @@ def compile_cache_counters() -> dict:
 
 def compile_seconds(top: int = 30) -> dict[str, float]:
     """Where torch.compile spent this process's compile time, by phase (Dynamo tracing, AOTAutograd,
-    inductor codegen, cache lookups), the ``top`` longest; empty when nothing was compiled."""
-    from torch._dynamo.utils import compile_times
+    inductor codegen, cache lookups), the ``top`` longest; empty when nothing was compiled.
 
-    rows = {}
-    for line in (compile_times(repr="str", aggregate=True) or "").splitlines()[2:]:
-        name, _, value = line.rpartition(", ")
-        try:
-            rows[name] = float(value)
-        except ValueError:
-            continue
+    Read from Dynamo's own record (``compilation_time_metrics``, what ``compile_times()`` prints),
+    not from ``compile_times(repr="str")``: that string is a ``tabulate`` table where the package is
+    installed (the GPU image has it), comma-separated rows only where it is not."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    rows = {name: float(sum(values)) for name, values in compilation_time_metrics.items() if values}
     return dict(sorted(rows.items(), key=lambda kv: -kv[1])[:top])
 
 

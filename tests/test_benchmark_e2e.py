@@ -21,3 +21,24 @@ def test_e2e_driver_sets_up_and_times_the_trainer(tmp_path):
     from diffpo import train as train_module
 
     assert train_module.save_final.__name__ == "save_final"  # and are back for the rest of the process
+
+
+def test_compile_seconds_reads_the_phases_whether_or_not_tabulate_is_installed(monkeypatch):
+    """The GPU image has `tabulate`, which turns compile_times(repr="str") into a whitespace table:
+    the phases must come from Dynamo's record, not from parsing that string (it gave {} there)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import torch
+
+    fake = types.ModuleType("tabulate")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tabulate", None)
+    fake.tabulate = lambda rows, headers: "\n".join(f"{name}    {value}" for name, value in [headers, *rows])
+    monkeypatch.setitem(sys.modules, "tabulate", fake)
+    torch._dynamo.reset()
+    torch.compile(lambda x: torch.relu(x) + 1, backend="eager")(torch.randn(3))
+    phases = train_e2e.compile_seconds()
+    assert phases and all(isinstance(v, float) and v >= 0 for v in phases.values())
+    assert any("compile" in name for name in phases)  # e.g. _compile.compile_inner
+    assert list(phases.values()) == sorted(phases.values(), reverse=True)
