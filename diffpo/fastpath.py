@@ -208,7 +208,15 @@ def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[st
     repeated blocks, ``Family.compile_blocks``: the graphs are small, compile in seconds each, and
     identical blocks share their compiled code; the default recompile limit of 8 is raised because
     one block class appears at many shapes in a UNet, and hitting the limit silently falls back to
-    eager); ``full``: the whole network in place. Returns the network."""
+    eager); ``full``: the whole network in place. Returns the network.
+
+    Regions compile with static shapes (``dynamic=False``): each shape a block meets gets its own
+    graph. By default Dynamo recompiles a block instance that meets a second shape (another batch
+    size, say validation's) as a symbolic-shape graph, which a later run then traces and looks up
+    again, and whose kernels cannot specialise on the sizes. A UNet's block instances each meet one
+    shape in training, so this compiles the same graphs (SDXL's structure: 19, 15 of them
+    recompiles of a block class at another channel count or resolution; benchmarks/WARM_START.md).
+    """
     if mode == "none":
         return network
     import torch._dynamo
@@ -223,7 +231,7 @@ def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[st
     count = 0
     for module in network.modules():
         if type(module).__name__ in blocks:
-            module.compile()
+            module.compile(dynamic=False)
             count += 1
     if count == 0:
         logger.warning("torch.compile regional: no block of %s is one of %s; nothing compiled", type(network).__name__, sorted(blocks) or "(the family declares none)")
