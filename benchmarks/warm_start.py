@@ -12,8 +12,10 @@ Triton) but a warm start loads it from the cache.
     python -m benchmarks.warm_start --cache /tmp/wc_a --lever regional    # cold
     python -m benchmarks.warm_start --cache /tmp/wc_a --lever regional    # warm
 
-Levers (``--lever``): ``regional`` (today's compile_network), ``static`` (regions compiled with
-``dynamic=False``), ``blocks`` (BasicTransformerBlock instead of Transformer2DModel), ``none`` (eager).
+Levers (``--lever``): ``regional`` (``diffpo.fastpath.compile_network``: static shapes since this
+benchmark), ``static`` (regions compiled with ``dynamic=False``, the same), ``dynamic`` (torch.compile's
+default ``dynamic=None``, compile_network before), ``blocks`` (BasicTransformerBlock instead of
+Transformer2DModel), ``none`` (eager). Results: benchmarks/WARM_START.md.
 ``--mega`` saves ``torch.compiler.save_cache_artifacts()`` at the end and loads it at the start.
 """
 
@@ -57,6 +59,7 @@ def sdxl_like_unet(width: int = 32):
 BLOCKS = {
     "regional": ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D"),
     "static": ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D"),
+    "dynamic": ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D"),
     "blocks": ("ResnetBlock2D", "BasicTransformerBlock", "Downsample2D", "Upsample2D"),
     "none": (),
 }
@@ -124,12 +127,13 @@ def main() -> None:
     t_import_build = time.perf_counter() - t0
     if args.lever != "none":
         compile_network(unet, "regional", BLOCKS[args.lever])
-        if args.lever == "static":
-            # compile_network's module.compile() with dynamic=False: one static graph per shape
+        if args.lever in ("static", "dynamic"):
+            # static: dynamic=False, what compile_network does since this benchmark (one static graph per
+            # shape); dynamic: torch.compile's default dynamic=None, compile_network before it
             for module in unet.modules():
                 if getattr(module, "_compiled_call_impl", None) is not None:
                     module._compiled_call_impl = None
-                    module.compile(dynamic=False)
+                    module.compile(**({"dynamic": False} if args.lever == "static" else {}))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
     b, s = args.batch, args.latent
