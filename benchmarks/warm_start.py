@@ -12,9 +12,9 @@ Triton) but a warm start loads it from the cache.
     python -m benchmarks.warm_start --cache /tmp/wc_a --lever regional    # cold
     python -m benchmarks.warm_start --cache /tmp/wc_a --lever regional    # warm
 
-Levers (``--lever``): ``regional`` (``diffpo.fastpath.compile_network``: static shapes since this
-benchmark), ``static`` (regions compiled with ``dynamic=False``, the same), ``dynamic`` (torch.compile's
-default ``dynamic=None``, compile_network before), ``blocks`` (BasicTransformerBlock instead of
+Levers (``--lever``): ``regional`` (``diffpo.fastpath.compile_network`` as shipped: torch.compile's
+default ``dynamic=None``), ``static`` (regions compiled with ``dynamic=False``), ``dynamic``
+(``dynamic=None`` set explicitly, the same as ``regional``), ``blocks`` (BasicTransformerBlock instead of
 Transformer2DModel), ``none`` (eager). Results: benchmarks/WARM_START.md.
 ``--mega`` saves ``torch.compiler.save_cache_artifacts()`` at the end and loads it at the start.
 """
@@ -129,8 +129,8 @@ def main() -> None:
     if args.lever != "none":
         compile_network(unet, "regional", BLOCKS[args.lever])
         if args.lever in ("static", "dynamic"):
-            # static: dynamic=False, what compile_network does since this benchmark (one static graph per
-            # shape); dynamic: torch.compile's default dynamic=None, compile_network before it
+            # static: dynamic=False (one static graph per shape); dynamic: torch.compile's default
+            # dynamic=None, what compile_network does
             for module in unet.modules():
                 if getattr(module, "_compiled_call_impl", None) is not None:
                     module._compiled_call_impl = None

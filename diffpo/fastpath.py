@@ -324,16 +324,14 @@ def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[st
     one block class appears at many shapes in a UNet, and hitting the limit silently falls back to
     eager); ``full``: the whole network in place. Returns the network.
 
-    Regions compile with static shapes (``dynamic=False``): each shape a block meets gets its own
-    graph. With torch.compile's default (``dynamic=None``) Dynamo traces every recompile of a block
-    class (a UNet's resnets at another channel count or resolution: 15 of SDXL's 19 regional graphs)
-    with symbolic sizes (those a parameter fixes are specialised again), which costs trace time in
-    every process,
-    warm ones included (CPU stand-in with SDXL's structure: warm first step 10.9 -> 8.4 s, the same
-    19 graphs, all cache hits; benchmarks/WARM_START.md), and turns a block meeting a second shape
-    (another batch size) into a symbolic-shape graph whose kernels cannot specialise on sizes.
-    Changing this setting changes the graphs' cache keys: a compile cache written before it serves
-    4 of 38 lookups, once.
+    Regions compile with torch.compile's default ``dynamic=None``. ``dynamic=False`` (static graphs
+    only) cut a warm first step on a CPU stand-in with SDXL's structure from 12.4 to 8.4 s (Dynamo
+    traces each recompile of a block class with symbolic sizes under the default;
+    benchmarks/WARM_START.md) but is not measured on a GPU, where the warm first step is 26 s with
+    the default (BENCHMARKS.md, issue 16), and it costs a full set of new graphs for every further
+    shape a block meets (validation and evaluation batch sizes), where the default compiles one
+    symbolic graph. Switching changes the graphs' cache keys (an existing cache serves 4 of 38
+    lookups, once).
     """
     if mode == "none":
         return network
@@ -349,7 +347,7 @@ def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[st
     count = 0
     for module in network.modules():
         if type(module).__name__ in blocks:
-            module.compile(dynamic=False)
+            module.compile()
             count += 1
     if count == 0:
         logger.warning("torch.compile regional: no block of %s is one of %s; nothing compiled", type(network).__name__, sorted(blocks) or "(the family declares none)")

@@ -96,44 +96,6 @@ def test_regional_compile_marks_the_repeated_blocks():
     assert "" not in names  # the network itself stays eager
 
 
-def test_regional_compile_gives_each_shape_a_static_graph(monkeypatch):
-    """A block instance that meets a second shape (here a second batch size) gets a second static
-    graph, not Dynamo's default symbolic-shape recompile (benchmarks/WARM_START.md). The regions
-    are compiled with compile_network's own arguments; only the backend is swapped for one that
-    records each graph's inputs instead of running Inductor (seconds, not minutes, on a CPU)."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from diffpo.models import FAMILIES
-    from diffpo.tiny import tiny_unet
-
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        symbolic = any(
-            isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape))
-            for v in (n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder"))
-        )
-        graphs.append(symbolic)
-        return gm.forward
-
-    module_compile = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: module_compile(self, backend=recording_backend, **kw))
-    torch._dynamo.reset()
-    counters.clear()
-    unet = tiny_unet(4, 16)
-    compile_network(unet, "regional", FAMILIES["sd"].compile_blocks)
-    regions = len(compiled_regions(unet))
-    with torch.no_grad():
-        for batch in (2, 4, 3):
-            unet(torch.randn(batch, 4, 16, 16), torch.tensor([10] * batch), torch.randn(batch, 8, 32))
-    torch._dynamo.reset()
-    assert regions > 4 and graphs  # the tiny UNet has resnets, attentions, down/upsamplers
-    assert not any(graphs)  # no graph with a symbolic size
-    # three batch sizes, three graphs per distinct (block class, shape): a multiple of 3
-    assert len(graphs) % 3 == 0 and counters["stats"]["unique_graphs"] == len(graphs)
-
-
 def test_fsdp_save_rebuilds_a_whole_float32_network_from_the_gathered_state():
     """FSDP cannot run on CPUs (accelerate runs it as DDP), so the save path is checked with the
     accelerator's two calls stood in: the gathered full state dict becomes a whole network."""
