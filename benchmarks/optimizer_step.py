@@ -9,7 +9,9 @@ fast path in turn (one in memory at a time):
 - ``adamw``: ``MasterWeightAdamW``, float32 masters and moments, torch's fused AdamW;
 - ``8bit-per-tensor``: float32 masters, bitsandbytes' 8-bit AdamW called once per parameter (the
   layout before flat buckets; diffpo's wait-free step);
-- ``8bit-flat``: ``MasterWeightAdamW8bit``, the masters in flat buckets, one call per bucket.
+- ``8bit-flat``: ``MasterWeightAdamW8bit``, the masters in flat buckets, one call per bucket;
+- ``8bit-flat-minN``: the same with ``min_8bit_size=N`` (``train.adam_8bit_min_size``): only tensors
+  of at least N elements get 8-bit moments, the others float32 ones (``--min-sizes``).
 
 Per step: the host time of ``step()`` (Python and kernel launches; the GPU idles for it when the
 step follows a host sync, as in the trainer) and the wall time until the GPU is done. Before timing,
@@ -86,6 +88,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--min-sizes", default="5000000,10000000", help="comma-separated min_8bit_size values for the 8bit-flat-minN rows ('' for none)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -101,10 +104,14 @@ def main(argv=None) -> dict:
         "rows": [],
     }
     print(f"{args.arch}: {result['tensors']} tensors, {result['parameters'] / 1e9:.3f}B parameters; 8-bit layouts identical: {result['identical']}", flush=True)
-    for name, cls in _optimizers().items():
-        optimizer = cls(params, lr=1e-4, weight_decay=1e-2)
+    kinds = [(name, cls, {}) for name, cls in _optimizers().items()]
+    kinds += [(f"8bit-flat-min{int(n)}", _optimizers()["8bit-flat"], {"min_8bit_size": int(n)}) for n in args.min_sizes.split(",") if n.strip()]
+    for name, cls, extra in kinds:
+        optimizer = cls(params, lr=1e-4, weight_decay=1e-2, **extra)
         _time_steps(optimizer, params, grads, args.warmup, device)
         row = {"optimizer": name, **_time_steps(optimizer, params, grads, args.steps, device)}
+        if extra:
+            row["8bit_fraction"] = sum(p.numel() for p in params if p.numel() >= extra["min_8bit_size"]) / result["parameters"]
         if device.type == "cuda":
             row["state_gib"] = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)) / 2**30
         result["rows"].append(row)

@@ -191,6 +191,11 @@ class TrainConfig:
     use_8bit_adam: bool = False
     """bitsandbytes' 8-bit AdamW (its two moments in 8 bits instead of float32; needs bitsandbytes).
     With ``weight_dtype=bf16`` it steps the float32 masters (``diffpo.fastpath.MasterWeightAdamW8bit``)."""
+    adam_8bit_min_size: int = 4096
+    """With ``use_8bit_adam``: tensors with fewer elements keep float32 moments (bitsandbytes'
+    ``min_8bit_size``, whose default this is). Raising it quantizes only the largest tensors: less
+    memory saved, and less of the 8-bit kernel's time, which on SDXL costs ~45 ms per step more
+    than 32-bit AdamW (BENCHMARKS.md, issue 16)."""
     max_grad_norm: float | None = 1.0
     """Clip the gradients' global norm to this; null: no clipping."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -237,6 +242,7 @@ class TrainConfig:
         _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "train.checkpoints_total_limit", "must be positive or null")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", "must be positive or null")
+        _check(self.adam_8bit_min_size > 0, "train.adam_8bit_min_size", f"must be positive, got {self.adam_8bit_min_size}")
         for key in self.resume_allow_changes:
             _check(is_identity_key(key), "train.resume_allow_changes", f"{key!r} is not a key of the run identity (those are: {', '.join(IDENTITY_KEYS)}, loss.<hparam>)")
         if self.weight_dtype == "bf16":

@@ -38,7 +38,7 @@ IDENTITY_KEYS = (
     "model.lora.enabled", "model.lora.rank", "model.lora.alpha", "model.lora.dropout", "model.lora.target_modules",
     "train.global_batch", "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler", "train.lr_warmup_steps",
     "train.max_steps", "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
-    "train.use_8bit_adam", "train.max_grad_norm", "train.weight_dtype",
+    "train.use_8bit_adam", "train.adam_8bit_min_size", "train.max_grad_norm", "train.weight_dtype",
 )  # fmt: skip
 
 # Schedules whose learning rate depends on max_steps (for the others, max_steps may grow freely).
@@ -117,6 +117,9 @@ def run_identity(cfg: Config, num_processes: int, fingerprint: str) -> dict[str,
         "train.adam_weight_decay": tc.adam_weight_decay,
         "train.adam_epsilon": tc.adam_epsilon,
         "train.use_8bit_adam": tc.use_8bit_adam,
+        # which tensors have 8-bit moments (the optimizer state's layout); null at bitsandbytes'
+        # default, as checkpoints from before the key hold
+        "train.adam_8bit_min_size": tc.adam_8bit_min_size if tc.use_8bit_adam and tc.adam_8bit_min_size != 4096 else None,
         "train.max_grad_norm": tc.max_grad_norm,
         "train.weight_dtype": tc.weight_dtype,
     }

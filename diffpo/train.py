@@ -207,7 +207,7 @@ def build_optimizer(params, cfg: Config, device: torch.device | str = "cpu"):
         # built on first use (they subclass bitsandbytes' AdamW8bit, without its per-parameter waits)
         from diffpo.fastpath import AdamW8bit, MasterWeightAdamW8bit
 
-        return (MasterWeightAdamW8bit if tc.weight_dtype == "bf16" else AdamW8bit)(params, **kwargs)
+        return (MasterWeightAdamW8bit if tc.weight_dtype == "bf16" else AdamW8bit)(params, min_8bit_size=tc.adam_8bit_min_size, **kwargs)
     if tc.weight_dtype == "bf16":
         return MasterWeightAdamW(params, **kwargs)
     return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)

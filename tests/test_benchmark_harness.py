@@ -92,8 +92,9 @@ def test_8bit_cases_build_the_8bit_master_optimizer_through_diffpos_setup():
 def test_optimizer_step_benchmark_times_three_optimizers_and_checks_the_8bit_layouts_agree(tmp_path):
     from benchmarks.optimizer_step import main
 
-    result = main(["--arch", "tiny-sdxl", "--device", "cpu", "--steps", "1", "--warmup", "1", "--out", str(tmp_path / "o.json")])
+    result = main(["--arch", "tiny-sdxl", "--device", "cpu", "--steps", "1", "--warmup", "1", "--min-sizes", "20000", "--out", str(tmp_path / "o.json")])
     assert result["identical"] is True  # the flat buckets step bit for bit as bitsandbytes per tensor
-    assert [row["optimizer"] for row in result["rows"]] == ["adamw", "8bit-per-tensor", "8bit-flat"]
+    assert [row["optimizer"] for row in result["rows"]] == ["adamw", "8bit-per-tensor", "8bit-flat", "8bit-flat-min20000"]
+    assert 0 < result["rows"][-1]["8bit_fraction"] < 1
     assert all(row["wall_ms"] >= row["host_ms"] > 0 for row in result["rows"])
     assert result["tensors"] > 100 and "benchmarks.optimizer_step" in result["environment"]["command"]

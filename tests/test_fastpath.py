@@ -446,3 +446,48 @@ def test_cudnn_benchmark_follows_the_run_config_both_ways(tmp_path, monkeypatch)
         assert torch.backends.cudnn.benchmark is setting
     fast = load_config(Path(__file__).resolve().parents[1] / "configs" / "sdxl_mapo_fast.yaml")
     assert fast.train.cudnn_benchmark  # the harness times its cases with it on: the trainer's fast config too
+
+
+def test_8bit_moments_for_the_largest_tensors_only(monkeypatch):
+    """train.adam_8bit_min_size: tensors under it keep float32 moments (bitsandbytes' min_8bit_size).
+    Raised above the small weights, only the largest are quantized: the masters still step bit for
+    bit as bitsandbytes steps each tensor with the same setting, and the state lies between the
+    all-8-bit and the all-32-bit sizes. Changing it changes the state's layout: a resume refuses it."""
+    import bitsandbytes as bnb
+
+    from diffpo.runs import identity_changes, run_identity
+    from diffpo.train import build_optimizer
+
+    shapes = [(256, 256), (64, 128), (128, 64), (300,), (64, 64)]
+    torch.manual_seed(4)
+    initial = [torch.randn(shape).to(torch.bfloat16) for shape in shapes]
+    optimizers, states = {}, {}
+    for min_size in (4096, 20_000):
+        cfg = config_from_dict({"train": {"use_8bit_adam": True, "weight_dtype": "bf16", "mixed_precision": "bf16", "learning_rate": 1e-2, "adam_8bit_min_size": min_size}})
+        params = [torch.nn.Parameter(t.clone()) for t in initial]
+        reference = [torch.nn.Parameter(t.float()) for t in initial]
+        optimizer = build_optimizer(params, cfg)
+        reference_optimizer = bnb.optim.AdamW8bit(reference, lr=1e-2, weight_decay=cfg.train.adam_weight_decay, min_8bit_size=min_size)
+        for step in range(3):
+            _set_grads(params, step)
+            for param, ref in zip(params, reference):
+                ref.grad = param.grad.float()
+            optimizer.step()
+            reference_optimizer.step()
+        assert all(torch.equal(m, r.detach()) for m, r in zip(optimizer.masters, reference))
+        optimizers[min_size], states[min_size] = optimizer, _state_bytes(optimizer)
+    kinds = [(bucket.kind, [shapes[i] for i in bucket.members]) for bucket in optimizers[20_000]._buckets]
+    assert kinds == [("8bit", [(256, 256)]), ("32bit", [(64, 128), (128, 64), (300,), (64, 64)])]
+    float32_moments = MasterWeightAdamW([torch.nn.Parameter(t.clone()) for t in initial], lr=1e-2)
+    _set_grads(float32_moments.model_params, 0)
+    float32_moments.step()
+    assert states[4096] < states[20_000] < _state_bytes(float32_moments)
+
+    def identity(min_size):
+        cfg = config_from_dict({"model": {"pretrained": "tiny:sd"}, "data": {"source": "x"}, "train": {"use_8bit_adam": True, "adam_8bit_min_size": min_size}})
+        return run_identity(cfg, 1, "fingerprint")
+
+    assert identity(4096)["train.adam_8bit_min_size"] is None  # bitsandbytes' default: as checkpoints from before the key
+    assert identity_changes(identity(4096), identity(20_000)) == ["train.adam_8bit_min_size"]
+    with pytest.raises(ConfigError, match="adam_8bit_min_size"):
+        config_from_dict({"train": {"adam_8bit_min_size": 0}})
