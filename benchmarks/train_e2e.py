@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--skip", type=int, default=5, help="steps left out of the median (compilation, warm-up)")
     t.add_argument("--config", type=Path, default=FAST_CONFIG)
     t.add_argument("--save", action="store_true", help="keep checkpoints and the final save (tens of GB at SDXL size)")
+    t.add_argument("--profile", type=int, default=0, metavar="STEP", help="profile optimizer steps STEP and STEP+1 (torch.profiler): device time by kind of kernel, device busy vs wall time")
     t.add_argument("--out", type=Path, default=None)
     t.add_argument("overrides", nargs="*", help="more key=value config overrides")
     return p.parse_args(argv)
@@ -127,20 +128,26 @@ def train_run(args) -> dict:
         train_module.save_final = lambda cfg, accelerator, *a, **k: Path(cfg.output_dir) / "final"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    profiled: dict = {}
+    step_record = train_module.step_record
+    if args.profile:
+        train_module.step_record = _profiling_step_record(step_record, args.profile, profiled, args.out)
     started = time.perf_counter()
     try:
         result = train_module.train(cfg)
     finally:  # the trainer saves again for whatever runs next in this process
         train_module.save_checkpoint, train_module.save_final = saves
+        train_module.step_record = step_record
     wall = time.perf_counter() - started
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [m["step_seconds"] for m in lines]
-    timed = steps[args.skip:] or steps
+    profiled_steps = (args.profile, args.profile + 1) if args.profile else ()
+    timed = [s for number, s in enumerate(steps, 1) if number > args.skip and number not in profiled_steps] or steps
     median = statistics.median(timed)
     pairs = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     record = {
         "name": args.name, "arch": arch, "config": str(args.config), "overrides": overrides, "steps": result.steps,
-        "first_step_s": steps[0], "median_step_s": median, "median_of_steps": f"{args.skip + 1}-{len(steps)}",
+        "first_step_s": steps[0], "median_step_s": median, "median_of_steps": f"{args.skip + 1}-{len(steps)}" + (f" without {profiled_steps[0]}-{profiled_steps[1]} (profiled)" if profiled_steps else ""),
         "pairs_per_step": pairs, "pairs_per_s": pairs / median,
         "mean_step_s_after_skip": statistics.fmean(timed),
         "step_seconds": steps, "data_seconds": [m.get("data_seconds") for m in lines],
@@ -151,12 +158,54 @@ def train_run(args) -> dict:
     }
     if on_gpu:
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if profiled:
+        record["profile"] = profiled
     record["compile_cache_counters"] = compile_cache_counters()
     record["compile_seconds"] = compile_seconds()
     _write(args.out, record)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items() if k not in ("step_seconds", "data_seconds", "losses", "overrides")}
     print(json.dumps(shown), flush=True)
     return record
+
+
+def _profiling_step_record(step_record, first: int, profiled: dict, out: Path | None):
+    """``diffpo.train.step_record`` (called once per optimizer step, after the step's work is
+    launched) that also runs torch.profiler over optimizer steps ``first`` and ``first + 1``: from
+    the end of step ``first - 1`` to the end of step ``first + 1``, the device drained at both ends
+    (one extra host wait before and after the two steps, none inside them). Fills ``profiled``, per
+    step (the two steps' mean, as the harness's one-step profile): wall time, device busy time (the
+    kernels' summed time), device time by kind of kernel; and the top kernels table next to ``out``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.train_step import synchronize, time_by_kind
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    state: dict = {}
+
+    def wrapped(step, *args, **kwargs):
+        record = step_record(step, *args, **kwargs)
+        if step == first - 1:
+            synchronize(device)
+            state["prof"] = profile(activities=activities)
+            state["prof"].start()
+            state["started"] = time.perf_counter()
+        elif step == first + 1 and "prof" in state:
+            synchronize(device)
+            wall = time.perf_counter() - state["started"]
+            prof = state.pop("prof")
+            prof.stop()
+            kinds = {kind: ms / 2 for kind, ms in time_by_kind(prof, device).items()}  # per step, as the harness's one-step profile
+            profiled.update(steps=[first, first + 1], wall_ms=1e3 * wall / 2, device_busy_ms=sum(kinds.values()), by_kind_ms=kinds)
+            profiled["device_idle_fraction"] = max(0.0, 1.0 - profiled["device_busy_ms"] / profiled["wall_ms"]) if device.type == "cuda" else None
+            if out is not None:
+                table = out.with_name(out.stem + "_profile.txt")
+                sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                table.write_text(prof.key_averages().table(sort_by=sort, row_limit=50))
+                profiled["table"] = table.name
+        return record
+
+    return wrapped
 
 
 def compile_cache_counters() -> dict:
@@ -189,6 +238,8 @@ def _write(path: Path | None, record: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.command == "train" and args.profile == 1:
+        raise SystemExit("--profile STEP: STEP >= 2 (profiling starts at the end of step STEP - 1)")
     return setup(args) if args.command == "setup" else train_run(args)
 
 

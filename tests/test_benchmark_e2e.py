@@ -22,6 +22,13 @@ def test_e2e_driver_sets_up_and_times_the_trainer(tmp_path):
 
     assert train_module.save_final.__name__ == "save_final"  # and are back for the rest of the process
 
+    # --profile 2: optimizer steps 2 and 3 under torch.profiler, left out of the median
+    profiled = train_e2e.main(["train", "--work", str(work), "--name", "p", "--steps", "4", "--skip", "1", "--profile", "2", "--out", str(tmp_path / "p.json")])
+    assert profiled["profile"]["steps"] == [2, 3] and profiled["profile"]["by_kind_ms"] and profiled["profile"]["wall_ms"] > 0
+    assert (tmp_path / profiled["profile"]["table"]).is_file()
+    assert profiled["median_of_steps"] == "2-4 without 2-3 (profiled)" and profiled["median_step_s"] == profiled["step_seconds"][3]
+    assert train_module.step_record.__name__ == "step_record"
+
 
 def test_compile_seconds_reads_the_phases_whether_or_not_tabulate_is_installed(monkeypatch):
     """The GPU image has `tabulate`, which turns compile_times(repr="str") into a whitespace table:

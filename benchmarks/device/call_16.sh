@@ -45,8 +45,8 @@ run_setup() {
     --out "$OUT/e2e_setup.json" > "$OUT/logs/setup.log" 2>&1
   stage "setup rc=$?"
 }
-run_cold() { train cold ${COLD_CAP:-320}; }
-run_warm() { train warm ${WARM_CAP:-160}; }
+run_cold() { train cold ${COLD_CAP:-320} ${COLD_ARGS:-}; }
+run_warm() { train warm ${WARM_CAP:-160} ${WARM_ARGS:-}; }
 if [ -z "${CASES:-}" ]; then
   CASES=public/mapo/full,diffpo+compile+ckpt/mapo/full,diffpo+compile/mapo/full
   for blocks in $LEVERS; do CASES=$CASES,diffpo+compile+ckpt=$blocks/mapo/full; done
@@ -56,7 +56,7 @@ run_harness() {  # in one process, sharing the trainer's compile cache folder
   stage "harness $CASES"
   TORCHINDUCTOR_CACHE_DIR=$WORK/compile_cache TRITON_CACHE_DIR=$WORK/compile_cache/triton \
     timeout $(( $(left) - RESERVE )) python3 -m benchmarks.train_step --arch $XL --pairs 4 --steps $HSTEPS --warmup $HWARM --device $DEV \
-    --cases "$CASES" --out "$OUT/harness.json" > "$OUT/logs/harness.log" 2>&1
+    --cases "$CASES" ${HPROFILE:+--profile "$HPROFILE" --profile-dir "$OUT/profiles"} --out "$OUT/harness.json" > "$OUT/logs/harness.log" 2>&1
   stage "harness rc=$?"
 }
 run_lever() {  # the trainer with LEVER, or with the fastest selective-checkpointing case that fit 76 GiB
@@ -100,6 +100,8 @@ for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever"):
         print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ("first_step_s", "median_step_s", "pairs_per_s", "peak_mem_gib", "mean_step_s_after_skip", "wall_s", "skipped")})
         print("  steps", [round(x, 3) for x in r["step_seconds"]], "data max", round(max(x or 0 for x in r["data_seconds"]), 3))
         print("  compile cache", r.get("compile_cache_counters"), "phases", list((r.get("compile_seconds") or {}).items())[:8])
+        if r.get("profile"):
+            print("  profile", {k: v for k, v in r["profile"].items() if k != "table"})
 path = out / "optimizer_step.json"
 if path.is_file():
     r = json.loads(path.read_text())
@@ -113,6 +115,8 @@ if path.is_file():
     print(format_table(result))
     for r in result["rows"]:
         print(r["case"], "setup_s", round(r.get("setup_s", 0), 1), "steps", [round(x, 3) for x in r.get("step_s_all", [])])
+        if r.get("profile"):
+            print("  profile", {k: v for k, v in r["profile"].items() if k != "table"})
 PY
 nvidia-smi > "$OUT/logs/nvidia-smi-end.txt" 2>&1
 tar czf "$OUT/logs16.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
