@@ -230,9 +230,13 @@ def _bf16_mlp(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).to(torch.bfloat16)
 
 
-def _set_grads(params, step: int) -> None:
+def _set_grads(params, step: int, reference=None) -> None:
+    """Step ``step``'s gradients on ``params``; the same gradients, upcast, on ``reference`` (the
+    float32 parameters a bitsandbytes optimizer steps for comparison)."""
     for index, param in enumerate(params):
         param.grad = _grads(100 * step + index, param.shape).to(param.dtype)
+    for param, ref in zip(params, reference or ()):
+        ref.grad = param.grad.float()
 
 
 def _state_bytes(optimizer) -> int:
@@ -258,9 +262,7 @@ def test_8bit_master_weights_step_as_bitsandbytes_steps_float32_weights():
     optimizer = MasterWeightAdamW8bit(params, lr=1e-3)
     reference_optimizer = bnb.optim.AdamW8bit(reference, lr=1e-3)
     for step in range(3):
-        _set_grads(params, step)
-        for param, ref in zip(params, reference):
-            ref.grad = param.grad.float()  # the same gradients, upcast
+        _set_grads(params, step, reference)
         optimizer.step()
         reference_optimizer.step()
         optimizer.zero_grad()
@@ -379,9 +381,7 @@ def test_8bit_adam_skips_bitsandbytes_per_parameter_waits(weight_dtype, monkeypa
     waits = []
     monkeypatch.setattr(bnb.optim.optimizer, "sync_gpu", lambda tensor: waits.append(tensor.shape))
     for step in range(2):
-        _set_grads(params, step)
-        for param, ref in zip(params, reference):
-            ref.grad = param.grad.float()
+        _set_grads(params, step, reference)
         optimizer.step()
         optimizer.zero_grad()
         assert waits == []
@@ -469,9 +469,7 @@ def test_8bit_moments_for_the_largest_tensors_only(monkeypatch):
         optimizer = build_optimizer(params, cfg)
         reference_optimizer = bnb.optim.AdamW8bit(reference, lr=1e-2, weight_decay=cfg.train.adam_weight_decay, min_8bit_size=min_size)
         for step in range(3):
-            _set_grads(params, step)
-            for param, ref in zip(params, reference):
-                ref.grad = param.grad.float()
+            _set_grads(params, step, reference)
             optimizer.step()
             reference_optimizer.step()
         assert all(torch.equal(m, r.detach()) for m, r in zip(optimizer.masters, reference))
