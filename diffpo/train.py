@@ -61,21 +61,23 @@ class EpochSampler(Sampler[tuple[int, int]]):
     of the dataset would never see an epoch set on it in the training process)."""
 
     def __init__(self, size: int, seed: int, shuffle: bool = True):
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.size, self.seed, self.shuffle, self.epoch, self.skip = size, seed, shuffle, 0, 0
 
-    def begin_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def begin_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The epoch to yield next; its first ``skip`` indices (already trained on before a resume)
+        are left out."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if not self.shuffle:
-            order = range(self.size)
+            order = list(range(self.size))
         else:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.size, generator=generator).tolist()
-        return ((self.epoch, index) for index in order)
+        return ((self.epoch, index) for index in order[self.skip :])
 
     def __len__(self) -> int:
-        return self.size
+        return self.size  # a whole epoch's: the step arithmetic (micro_batches) counts in epochs
 
 
 def pair_generators(seed: int, step: int, first_pair: int, count: int) -> list[torch.Generator]:
@@ -482,11 +484,18 @@ def start_logging(cfg: Config, accelerator, resume_from: Path | None, step: int)
 
 def micro_batches(accelerator, data: Data, micro_step: int) -> Iterator[dict]:
     """The micro-batches from ``micro_step`` on, epoch after epoch, without end (the loop stops
-    at max_steps). On resume the batches already seen in the epoch are skipped."""
+    at max_steps). On resume the batches already seen in the epoch are skipped.
+
+    The sampler skips them (each process's ``skip`` batches are the epoch's first ``skip`` global
+    batches: accelerate shards whole batches, and drop_last keeps the shards even), so the prepared
+    loader itself runs: accelerate's ``skip_first_batches`` would build another loader, without
+    the non-blocking batch copies (``DataLoaderConfiguration(non_blocking=True)``) and with new
+    worker processes, for the rest of the resumed epoch."""
     epoch, skip = divmod(micro_step, len(data.dataloader))
     while True:
-        data.sampler.begin_epoch(epoch)  # not set_epoch: accelerate would reset it to its own counter on resume
-        yield from accelerator.skip_first_batches(data.dataloader, skip) if skip else data.dataloader
+        # not set_epoch: accelerate would reset it to its own counter on resume
+        data.sampler.begin_epoch(epoch, skip * data.global_batch)
+        yield from data.dataloader
         epoch, skip = epoch + 1, 0
 
 

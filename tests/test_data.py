@@ -165,3 +165,29 @@ def test_trainer_batches_follow_the_epoch_in_persistent_workers(tmp_path, pair_d
                 torch.testing.assert_close(batch["pixels_w"][row], expected["pixels_w"], atol=0, rtol=0)
                 flips.setdefault(index, set()).add(float(batch["pixels_w"][row].sum()))
     assert any(len(seen) > 1 for seen in flips.values())  # crops/flips do change between epochs
+
+
+def test_resumed_batches_are_the_epochs_rest_through_the_prepared_loader(tmp_path, pair_dir, monkeypatch):
+    """A resume mid-epoch starts at the epoch's next batch (the uninterrupted run's batches from
+    there on), through the prepared loader itself: accelerate's skip_first_batches built a second
+    loader without the non-blocking batch copies for the rest of that epoch."""
+    import accelerate.data_loader
+    from conftest import tiny_run_config
+
+    from diffpo.losses import get_loss
+    from diffpo.train import micro_batches, setup_accelerator, setup_data
+
+    cfg = tiny_run_config(tmp_path / "out", pair_dir, train={"batch_size": 1})
+    accelerator = setup_accelerator(cfg)
+    data = setup_data(cfg, accelerator, get_loss("mapo"))
+    data.dataloader = accelerator.prepare(data.dataloader)
+    per_epoch = len(data.dataloader)
+    assert per_epoch >= 3
+    flags = []
+    send = accelerate.data_loader.send_to_device
+    monkeypatch.setattr(accelerate.data_loader, "send_to_device", lambda batch, device, non_blocking=False, **kw: flags.append(non_blocking) or send(batch, device, non_blocking=non_blocking, **kw))
+    whole = micro_batches(accelerator, data, 0)
+    uninterrupted = [next(whole)["indices"].tolist() for _ in range(per_epoch + 2)]
+    resumed = micro_batches(accelerator, data, 2)  # two micro-steps into the first epoch
+    assert [next(resumed)["indices"].tolist() for _ in range(per_epoch)] == uninterrupted[2:]
+    assert flags and all(flags)  # every batch copied without a host wait
