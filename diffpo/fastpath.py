@@ -289,6 +289,15 @@ def _master_weight_adamw8bit() -> type:
         def _bucket_kind(self, param):
             return "8bit" if param.numel() >= self._min_8bit_size else "32bit"
 
+        def init_state(self, group, p, gindex, pindex):
+            super().init_state(group, p, gindex, pindex)
+            absmax = self.state[p].get("absmax1")
+            if absmax is not None and absmax.numel() * self.block != p.numel():  # buckets are whole blocks of ours
+                raise RuntimeError(
+                    f"bitsandbytes quantizes the 8-bit moments in blocks of {p.numel() / absmax.numel():g} values, "
+                    f"not {self.block}: flat master buckets would mix parameters in one block; this bitsandbytes is not supported"
+                )
+
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)
             flat = self.param_groups[gindex]["params"][pindex]

@@ -352,6 +352,10 @@ def setup_data(cfg: Config, accelerator, spec: LossSpec, cache_dir: Path | None 
     dataloader = DataLoader(
         dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0, drop_last=True, pin_memory=accelerator.device.type == "cuda",
+        # its own generator for the workers' base seed: a new pass over the data (each epoch without
+        # workers) would otherwise draw from the global RNG, which checkpoints save and a resume
+        # restores, so a resumed run would draw once more than the uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     return Data(records, dataset, sampler, dataloader, cache_meta, global_batch)
 

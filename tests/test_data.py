@@ -191,3 +191,20 @@ def test_resumed_batches_are_the_epochs_rest_through_the_prepared_loader(tmp_pat
     resumed = micro_batches(accelerator, data, 2)  # two micro-steps into the first epoch
     assert [next(resumed)["indices"].tolist() for _ in range(per_epoch)] == uninterrupted[2:]
     assert flags and all(flags)  # every batch copied without a host wait
+
+
+def test_a_new_pass_over_the_trainers_loader_leaves_the_global_rng_alone(tmp_path, pair_dir):
+    # Checkpoints save the global RNG state; the loop may start the next epoch's pass before a save
+    # (it takes the next batch early). A pass that drew from the global RNG would make the resumed
+    # run draw once more than the uninterrupted one.
+    from conftest import tiny_run_config
+
+    from diffpo.losses import get_loss
+    from diffpo.train import setup_accelerator, setup_data
+
+    cfg = tiny_run_config(tmp_path / "out", pair_dir)
+    accelerator = setup_accelerator(cfg)
+    data = setup_data(cfg, accelerator, get_loss("mapo"))
+    state = torch.get_rng_state()
+    next(iter(data.dataloader))
+    assert torch.equal(torch.get_rng_state(), state)
