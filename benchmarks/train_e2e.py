@@ -141,13 +141,18 @@ def train_run(args) -> dict:
     wall = time.perf_counter() - started
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [m["step_seconds"] for m in lines]
-    profiled_steps = (args.profile, args.profile + 1) if args.profile else ()
-    timed = [s for number, s in enumerate(steps, 1) if number > args.skip and number not in profiled_steps] or steps
+    # the profiled steps, and the one after them (it starts on a drained device: no previous
+    # optimizer step left to finish), are not the step time
+    profiled_steps = (args.profile, args.profile + 1, args.profile + 2) if args.profile else ()
+    timed = [s for number, s in enumerate(steps, 1) if number > args.skip and number not in profiled_steps]
+    median_of = f"{args.skip + 1}-{len(steps)}" + (f" without {profiled_steps[0]}-{profiled_steps[-1]} (profiled)" if profiled_steps else "")
+    if not timed:  # a smoke run shorter than --skip: every step, compilation included, and said so
+        timed, median_of = steps, f"1-{len(steps)} (all: fewer steps than --skip {args.skip} and the profiled ones)"
     median = statistics.median(timed)
     pairs = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     record = {
         "name": args.name, "arch": arch, "config": str(args.config), "overrides": overrides, "steps": result.steps,
-        "first_step_s": steps[0], "median_step_s": median, "median_of_steps": f"{args.skip + 1}-{len(steps)}" + (f" without {profiled_steps[0]}-{profiled_steps[1]} (profiled)" if profiled_steps else ""),
+        "first_step_s": steps[0], "median_step_s": median, "median_of_steps": median_of,
         "pairs_per_step": pairs, "pairs_per_s": pairs / median,
         "mean_step_s_after_skip": statistics.fmean(timed),
         "step_seconds": steps, "data_seconds": [m.get("data_seconds") for m in lines],

@@ -23,10 +23,11 @@ def test_e2e_driver_sets_up_and_times_the_trainer(tmp_path):
     assert train_module.save_final.__name__ == "save_final"  # and are back for the rest of the process
 
     # --profile 2: optimizer steps 2 and 3 under torch.profiler, left out of the median
-    profiled = train_e2e.main(["train", "--work", str(work), "--name", "p", "--steps", "4", "--skip", "1", "--profile", "2", "--out", str(tmp_path / "p.json")])
+    profiled = train_e2e.main(["train", "--work", str(work), "--name", "p", "--steps", "5", "--skip", "1", "--profile", "2", "--out", str(tmp_path / "p.json")])
     assert profiled["profile"]["steps"] == [2, 3] and profiled["profile"]["by_kind_ms"] and profiled["profile"]["wall_ms"] > 0
     assert (tmp_path / profiled["profile"]["table"]).is_file()
-    assert profiled["median_of_steps"] == "2-4 without 2-3 (profiled)" and profiled["median_step_s"] == profiled["step_seconds"][3]
+    # steps 2-3 profiled, step 4 starts on a drained device: only step 5 is timed
+    assert profiled["median_of_steps"] == "2-5 without 2-4 (profiled)" and profiled["median_step_s"] == profiled["step_seconds"][4]
     assert train_module.step_record.__name__ == "step_record"
 
 
