@@ -23,8 +23,8 @@ checkpointing peaked at 77.4 GiB (limit 76 GiB for an 80 GB H100); 8-bit moments
 64.9 GiB on an H200 (BENCHMARKS.md, issue 16).
 ``MasterWeightAdamW8bit`` (``train.use_8bit_adam`` with ``train.weight_dtype=bf16``) keeps the
 float32 masters in flat buckets (``FlatMasterWeights``) and steps them with ``AdamW8bit``: 85 ms per
-SDXL step on an H200 against 107 ms tensor by tensor and 41 ms for 32-bit fused AdamW
-(``python -m benchmarks.optimizer_step``). bitsandbytes stays optional, imported on first use.
+SDXL step on an H200 against 95-122 ms tensor by tensor and 41 ms for 32-bit fused AdamW
+(``python -m benchmarks.optimizer_step``; host time 11 vs 88 ms). bitsandbytes stays optional, imported on first use.
 """
 
 from __future__ import annotations
