@@ -171,12 +171,13 @@ def main() -> None:
             mega_path.write_bytes(saved[0])
         mega_save = time.perf_counter() - t
 
-    from torch._dynamo.utils import compilation_time_metrics, counters
+    from torch._dynamo.utils import counters
 
-    phases = {k: round(sum(v), 2) for k, v in compilation_time_metrics.items()}
-    top = dict(sorted(phases.items(), key=lambda kv: -kv[1])[:8])
-    inductor = {k: v for k, v in counters["inductor"].items() if "cache" in k}
-    aot = {k: v for k, v in counters["aot_autograd"].items()}
+    from benchmarks.train_e2e import compile_cache_counters, compile_seconds
+
+    top = {k: round(v, 2) for k, v in compile_seconds(top=8).items()}
+    inductor = compile_cache_counters()["inductor"]
+    aot = dict(counters["aot_autograd"])
     result = {
         "lever": args.lever + ("+mega" if args.mega else "") + ("+ckpt" if args.checkpointing else "") + "".join(f"+{x}" for x in args.dynamo + args.inductor),
         "import_build_s": round(t_import_build, 2),

@@ -170,14 +170,17 @@ class FlatMasterWeights(MasterWeights):
 
     def _new_masters(self):
         open_buckets: dict[Hashable, list[int]] = {}
+        filled: dict[Hashable, int] = {}  # elements of each open bucket, members padded to whole blocks
         layouts = []  # (kind, [member indices])
         for index, param in enumerate(self.model_params):
             key = (param.device, self._bucket_kind(param))
             members = open_buckets.get(key)
-            if members is None or (members and self._padded_total(members) + param.numel() > self.bucket_elements):
+            if members is None or (members and filled[key] + param.numel() > self.bucket_elements):
                 members = open_buckets[key] = []
+                filled[key] = 0
                 layouts.append((key, members))
             members.append(index)
+            filled[key] += -(-param.numel() // self.block) * self.block
         self._buckets, masters = [], [None] * len(self.model_params)
         for (device, kind), members in layouts:
             sizes = []
@@ -192,9 +195,6 @@ class FlatMasterWeights(MasterWeights):
             stepped = flat.detach().requires_grad_(True)  # the same memory, as the optimizer's leaf
             self._buckets.append(_Bucket(stepped, members, sizes, kind))
         return masters, [bucket.flat for bucket in self._buckets]
-
-    def _padded_total(self, members: list[int]) -> int:
-        return sum(-(-self.model_params[i].numel() // self.block) * self.block for i in members)
 
     def _upcast_gradients(self) -> None:
         for bucket in self._buckets:

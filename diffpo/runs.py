@@ -120,7 +120,7 @@ def run_identity(cfg: Config, num_processes: int, fingerprint: str) -> dict[str,
         # which tensors have 8-bit moments (the optimizer state's layout); null at bitsandbytes'
         # default, so that the identity of a checkpoint written before this key matches (its
         # optimizer state still has to fit: bf16 masters moved to flat buckets on 2026-12-02)
-        "train.adam_8bit_min_size": tc.adam_8bit_min_size if tc.use_8bit_adam and tc.adam_8bit_min_size != 4096 else None,
+        "train.adam_8bit_min_size": tc.adam_8bit_min_size if tc.use_8bit_adam and tc.adam_8bit_min_size != type(tc).adam_8bit_min_size else None,
         "train.max_grad_norm": tc.max_grad_norm,
         "train.weight_dtype": tc.weight_dtype,
     }
