@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_e2e setup --arch sdxl --pairs 64 --work /tmp/e2e          # model, images, latent cache
     python -m benchmarks.train_e2e train --work /tmp/e2e --name cold --steps 25 --out cold.json [key=value ...]
+    python -m benchmarks.train_e2e train --work /tmp/e2e --name prof --steps 20 --profile 8 --out prof.json   # steps 8-9 profiled
     python -m benchmarks.train_e2e setup --arch tiny-sdxl --pairs 4 --work /tmp/e2e --device cpu   # CPU smoke run
 
 ``setup`` builds what a user would have before training: the published SDXL architecture with random
