@@ -56,8 +56,14 @@ class MasterWeights:
     resumed run continues from the float32 values, not from their bf16 rounding.
     """
 
+    scales_gradients = False
+    """Whether ``set_gradient_scale`` is applied inside the update (``MasterWeightAdamW8bit``); where
+    not, a caller that clips scales the gradients itself before ``step``."""
+
     def __init__(self, params: Iterable[nn.Parameter], **kwargs):
         self.model_params = [p for p in params]
+        self._gradients_taken = False  # prepare_step ran since the last step / zero_grad
+        self._gradient_scale = 1.0
         self.masters, stepped = self._new_masters()
         super().__init__(stepped, **self._optimizer_kwargs(stepped, kwargs))
 
@@ -75,9 +81,34 @@ class MasterWeights:
         return self.masters
 
     @torch.no_grad()
+    def prepare_step(self) -> None:
+        """Take the gradients into the masters now (``_upcast_gradients``) rather than in ``step``;
+        a second call before ``step`` or ``zero_grad`` does nothing.
+
+        Why: the trainer reads the step's losses and gradient norm on the host (one sync) before it
+        steps. The upcast is host-bound (a view and a copy per parameter: ~3400 for SDXL), so done
+        after that sync the device idled while the host prepared it: 14 ms of each 497 ms SDXL step
+        on an H200 (issue 16's profile: the optimizer's range took 95 ms in the trainer, 81 ms in the
+        harness, which steps without a sync). Called before the sync, the host does that work while
+        the device still runs the backward."""
+        if not self._gradients_taken:
+            self._upcast_gradients()
+            self._gradients_taken = True
+
+    def set_gradient_scale(self, scale: float) -> None:
+        """Multiply the gradients by ``scale`` inside the next ``step`` only (gradient clipping's
+        coefficient; needs ``scales_gradients``)."""
+        if not self.scales_gradients:
+            raise NotImplementedError(f"{type(self).__name__} cannot scale the gradients inside its update: scale them before step()")
+        self._gradient_scale = float(scale)
+
+    @torch.no_grad()
     def step(self, closure=None):
-        self._upcast_gradients()
-        loss = super().step(closure)
+        self.prepare_step()
+        try:
+            loss = super().step(closure)
+        finally:
+            self._gradients_taken, self._gradient_scale = False, 1.0
         torch._foreach_copy_(self.model_params, self.masters)  # round the float32 masters into the weights
         return loss
 
@@ -104,6 +135,7 @@ class MasterWeights:
             elif param.grad is not None:
                 param.grad.zero_()
         super().zero_grad(set_to_none=set_to_none)
+        self._gradients_taken, self._gradient_scale = False, 1.0
 
     def state_dict(self):
         state = super().state_dict()
@@ -297,6 +329,39 @@ def _master_weight_adamw8bit() -> type:
                     f"bitsandbytes quantizes the 8-bit moments in blocks of {p.numel() / absmax.numel():g} values, "
                     f"not {self.block}: flat master buckets would mix parameters in one block; this bitsandbytes is not supported"
                 )
+
+        scales_gradients = True
+
+        @torch.no_grad()
+        def update_step(self, group, p, gindex, pindex):
+            """bitsandbytes' update with the gradient scale (``set_gradient_scale``) passed to its
+            kernels, which multiply each gradient by it as they read it (``gnorm_scale``): clipping
+            then costs no pass of its own over the gradients (torch's ``clip_grad_norm_`` reads and
+            writes all of them: 3.5 ms per SDXL step on an H200, issue 16). Without a scale,
+            bitsandbytes' own ``update_step``; with one, its body for the two kinds of state the
+            buckets hold (bitsandbytes 0.50 ``Optimizer2State.update_step``, which passes 1.0)."""
+            if self._gradient_scale == 1.0:
+                return super().update_step(group, p, gindex, pindex)
+            from bitsandbytes import functional as F
+
+            state, config = self.state[p], self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            betas, step, scale = config["betas"], state["step"], self._gradient_scale
+            beta3 = betas[2] if len(betas) >= 3 else 0.0
+            if state["state1"].dtype == torch.float32:
+                F.optimizer_update_32bit(
+                    self.optimizer_name, p.grad, p, state["state1"], betas[0], config["eps"], step, config["lr"],
+                    state["state2"], betas[1], beta3, config.get("alpha", 0.0), config["weight_decay"], scale,
+                    state["unorm_vec"] if config["max_unorm"] > 0.0 else None, max_unorm=config["max_unorm"], skip_zeros=config["skip_zeros"],
+                )
+            elif state["state1"].dtype == torch.uint8:
+                F.optimizer_update_8bit_blockwise(
+                    self.optimizer_name, p.grad, p, state["state1"], state["state2"], betas[0], betas[1], beta3,
+                    config.get("alpha", 0.0), config["eps"], step, config["lr"], state["qmap1"], state["qmap2"],
+                    state["absmax1"], state["absmax2"], config["weight_decay"], gnorm_scale=scale, skip_zeros=config["skip_zeros"],
+                )
+            else:
+                raise RuntimeError(f"unexpected optimizer state dtype {state['state1'].dtype}")
 
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)

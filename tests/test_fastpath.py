@@ -489,3 +489,113 @@ def test_8bit_moments_for_the_largest_tensors_only(monkeypatch):
     assert identity_changes(identity(4096), identity(20_000)) == ["train.adam_8bit_min_size"]
     with pytest.raises(ConfigError, match="adam_8bit_min_size"):
         config_from_dict({"train": {"adam_8bit_min_size": 0}})
+
+
+def test_8bit_masters_apply_a_gradient_scale_inside_the_update_for_one_step():
+    """Clipping folded into the update (``set_gradient_scale``: bitsandbytes' kernels multiply each
+    gradient by the scale as they read it): bit for bit bitsandbytes stepping the float32 gradients
+    multiplied by the scale first, for the 8-bit and the 32-bit (small tensors) buckets alike; the
+    scale holds for the next step only. Optimizers that cannot scale inside refuse it."""
+    import bitsandbytes as bnb
+
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    params = list(_bf16_mlp(0).parameters())
+    reference = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    optimizer = MasterWeightAdamW8bit(params, lr=1e-3)
+    reference_optimizer = bnb.optim.AdamW8bit(reference, lr=1e-3)
+    for step, scale in enumerate([0.25, 1.0, 0.5]):
+        _set_grads(params, step, reference)
+        for ref in reference:
+            ref.grad.mul_(scale)  # what clip_grad_norm_ does to float32 gradients
+        if scale != 1.0:
+            optimizer.set_gradient_scale(scale)
+        optimizer.step()
+        reference_optimizer.step()
+        assert optimizer._gradient_scale == 1.0  # spent
+    for master, ref in zip(optimizer.masters, reference):
+        assert torch.equal(master, ref.detach())
+    unscaled = MasterWeightAdamW8bit(list(_bf16_mlp(0).parameters()), lr=1e-3)
+    _set_grads(unscaled.model_params, 0)
+    unscaled.step()
+    assert not all(torch.equal(a, b) for a, b in zip(unscaled.masters, [p.detach().float() for p in _bf16_mlp(0).parameters()]))
+    with pytest.raises(NotImplementedError, match="cannot scale"):
+        MasterWeightAdamW(list(_bf16_mlp(0).parameters()), lr=1e-3).set_gradient_scale(0.5)
+
+
+@pytest.mark.parametrize("eight_bit", [True, False])
+def test_prepare_step_takes_the_gradients_early_with_the_same_update(eight_bit):
+    """``prepare_step`` (the trainer calls it before its host sync) takes the gradients into the
+    masters and frees the model's; the step that follows is bit for bit the plain step; a second
+    call changes nothing; ``zero_grad`` in between discards them (a skipped window)."""
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    cls = MasterWeightAdamW8bit if eight_bit else MasterWeightAdamW
+    early, plain = (cls(list(_bf16_mlp(0).parameters()), lr=1e-3) for _ in range(2))
+    for step in range(3):
+        _set_grads(early.model_params, step)
+        _set_grads(plain.model_params, step)
+        early.prepare_step()
+        assert all(p.grad is None for p in early.model_params)
+        taken = [m.grad.clone() for m in early.param_groups[0]["params"]]
+        early.prepare_step()  # nothing more: the model's gradients are gone, the taken ones stay
+        assert all(torch.equal(a, m.grad) for a, m in zip(taken, early.param_groups[0]["params"]))
+        early.step()
+        plain.step()
+        early.zero_grad()
+        plain.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(early.masters, plain.masters))
+    _set_grads(early.model_params, 7)
+    early.prepare_step()
+    early.zero_grad()  # the window is skipped: its gradients must not reach the next step
+    assert all(m.grad is None for m in early.param_groups[0]["params"])
+    _set_grads(early.model_params, 3)
+    _set_grads(plain.model_params, 3)
+    early.step()
+    plain.step()
+    assert all(torch.equal(a, b) for a, b in zip(early.masters, plain.masters))
+
+
+def test_trainer_clips_inside_the_8bit_update_after_taking_the_gradients_before_its_sync(tmp_path, pair_dir, model_cache, monkeypatch):
+    """With 8-bit masters the trainer takes the gradients into the masters before its host sync
+    (the host-bound upcast then overlaps the backward) and clips inside the update with torch's
+    coefficient max_norm / (norm + 1e-6) of the logged norm. Against the same runs with torch's
+    clip_grad_norm_ (the bf16 gradients rescaled, then taken after the sync): bit for bit equal
+    where clipping is inactive; where it is active the first norms agree exactly and the losses
+    to 1% (the bf16 rounding of the rescaled gradients differs, and 8-bit moments amplify it)."""
+    from diffpo import train as train_module
+    from diffpo.fastpath import MasterWeightAdamW8bit, find_master_optimizer
+
+    fast = {"mixed_precision": "bf16", "weight_dtype": "bf16", "use_8bit_adam": True, "max_steps": 3, "checkpoint_every": 3, "learning_rate": 1e-3}
+    model = {"lora": {"enabled": False}}
+    at_sync, scales = [], []
+    host_rows, end_window, set_scale = train_module._host_rows, train_module.end_window, MasterWeightAdamW8bit.set_gradient_scale
+
+    def watched_end_window(accelerator, optim, *args):
+        master = find_master_optimizer(optim.optimizer)
+        monkeypatch.setattr(train_module, "_host_rows", lambda acc, values: at_sync.append((master._gradients_taken, all(p.grad is None for p in optim.params))) or host_rows(acc, values))
+        return end_window(accelerator, optim, *args)
+
+    monkeypatch.setattr(train_module, "end_window", watched_end_window)
+    monkeypatch.setattr(MasterWeightAdamW8bit, "set_gradient_scale", lambda self, scale: scales.append(scale) or set_scale(self, scale))
+    runs = {}
+    for max_norm in (1e6, 0.05):
+        runs["inside", max_norm] = tmp_path / f"inside_{max_norm}"
+        train(tiny_run_config(runs["inside", max_norm], pair_dir, model=model, train={**fast, "max_grad_norm": max_norm}), cache_dir=model_cache)
+    assert at_sync == [(True, True)] * 6  # taken before every sync
+    norms = [m["grad_norm"] for m in read_metrics(runs["inside", 0.05])]
+    assert all(n > 5 * 0.05 for n in norms)  # clipping was active in the second run
+    assert scales == [1.0] * 3 + [pytest.approx(0.05 / (n + 1e-6), rel=1e-6) for n in norms]
+    monkeypatch.setattr(train_module, "end_window", end_window)
+    monkeypatch.setattr(MasterWeightAdamW8bit, "scales_gradients", False)  # torch's clip_grad_norm_ instead
+    for max_norm in (1e6, 0.05):
+        runs["outside", max_norm] = tmp_path / f"outside_{max_norm}"
+        train(tiny_run_config(runs["outside", max_norm], pair_dir, model=model, train={**fast, "max_grad_norm": max_norm}), cache_dir=model_cache)
+    assert len(scales) == 6  # the outside runs never scale inside
+    weights = {key: load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors") for key, run in runs.items()}
+    assert all(torch.equal(value, weights["outside", 1e6][key]) for key, value in weights["inside", 1e6].items())
+    assert read_metrics(runs["inside", 1e6]) == [{**m, "step_seconds": n["step_seconds"], "data_seconds": n["data_seconds"]} for m, n in zip(read_metrics(runs["outside", 1e6]), read_metrics(runs["inside", 1e6]))]
+    a, b = read_metrics(runs["inside", 0.05]), read_metrics(runs["outside", 0.05])
+    assert a[0]["grad_norm"] == b[0]["grad_norm"] and a[0]["loss"] == b[0]["loss"]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-2 * y["loss"] for x, y in zip(a, b))
+    assert not any(torch.equal(value, weights["inside", 1e6][key]) for key, value in weights["inside", 0.05].items() if value.numel() > 64)  # clipping changed the run
