@@ -401,7 +401,7 @@ def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[st
     Regions compile with torch.compile's default ``dynamic=None``. ``dynamic=False`` (static graphs
     only) cut a warm first step on a CPU stand-in with SDXL's structure from 12.4 to 8.4 s (Dynamo
     traces each recompile of a block class with symbolic sizes under the default;
-    benchmarks/WARM_START.md) but is not measured on a GPU, where the warm first step is 26 s with
+    benchmarks/WARM_START.md) but is not measured on a GPU, where the warm first step is 21–26 s with
     the default (BENCHMARKS.md, issue 16), and it costs a full set of new graphs for every further
     shape a block meets (validation and evaluation batch sizes), where the default compiles one
     symbolic graph. Switching changes the graphs' cache keys (an existing cache serves 4 of 38

@@ -296,7 +296,7 @@ def setup_accelerator(cfg: Config):
     """The Accelerator, seeded, after the checks that depend on its distributed type."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
     tc, output_dir = cfg.train, Path(cfg.output_dir)
     # Still needed: accelerate keeps one AcceleratorState per process, and a second Accelerator
@@ -313,6 +313,10 @@ def setup_accelerator(cfg: Config):
         # batches go to the GPU without a host wait (from pinned memory, setup_data): the loop fetches
         # the next batch while the device still runs the current step
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        # DDP (nothing else reads it): the gradients are views of its all-reduce buckets instead of a
+        # second copy beside them: one bf16 copy of SDXL's gradients (4.8 GiB) less per GPU, and no copy
+        # into the buckets at each backward (PyTorch's DistributedDataParallel docs)
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
     )
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = tc.cudnn_benchmark  # process-wide: set for every run, also back to off
