@@ -11,7 +11,18 @@ fast path in turn (one in memory at a time):
   layout before flat buckets; diffpo's wait-free step);
 - ``8bit-flat``: ``MasterWeightAdamW8bit``, the masters in flat buckets, one call per bucket;
 - ``8bit-flat-minN``: the same with ``min_8bit_size=N`` (``train.adam_8bit_min_size``): only tensors
-  of at least N elements get 8-bit moments, the others float32 ones (``--min-sizes``).
+  of at least N elements get 8-bit moments, the others float32 ones (``--min-sizes``);
+- ``8bit-flat-triton`` (CUDA with Triton only): the flat buckets' 8-bit update by bitsandbytes' Triton
+  kernel (``bitsandbytes.backends.triton``, written for Intel GPUs, plain Triton) instead of its CUDA
+  one, a candidate for the 72 ms the CUDA kernel takes per SDXL step where its memory traffic alone
+  (~16 bytes per parameter) would take ~9 ms on an H200 (BENCHMARKS.md, issue 16). Not bit for bit
+  the CUDA kernel: it rounds to the nearest code by another rule, and one code apart the moments
+  then differ. ``error_vs_adamw`` says how far each 8-bit update lands from float32 AdamW's after two
+  steps (max and mean over all weights, in units of the learning rate): the Triton kernel should be
+  no farther than the CUDA one (on CPU, bitsandbytes' CPU update against the Triton kernel
+  interpreted: max 0.94 and 0.55, mean 0.012 and 0.0085 lr). Its kernel takes the gradient scale
+  as a compile-time constant, so diffpo's clipping inside the update would recompile it every
+  step: this row runs without clipping.
 
 Per step: the host time of ``step()`` (Python and kernel launches; the GPU idles for it when the
 step follows a host sync, as in the trainer) and the wall time until the GPU is done. Before timing,
@@ -51,6 +62,47 @@ def _optimizers() -> dict:
     return {"adamw": MasterWeightAdamW, "8bit-per-tensor": PerTensorMasterAdamW8bit, "8bit-flat": MasterWeightAdamW8bit}
 
 
+def _triton_8bit() -> type | None:
+    """``MasterWeightAdamW8bit`` whose 8-bit buckets bitsandbytes' Triton kernel updates, or None
+    where Triton or that kernel is missing."""
+    try:
+        from bitsandbytes.backends.triton import kernels_optim
+    except Exception:  # no Triton (CPU-only torch), or a bitsandbytes without the module
+        return None
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    class TritonMasterAdamW8bit(MasterWeightAdamW8bit):
+        @torch.no_grad()
+        def update_step(self, group, p, gindex, pindex):
+            state = self.state[p]
+            if state["state1"].dtype != torch.uint8 or self._gradient_scale != 1.0:
+                return super().update_step(group, p, gindex, pindex)
+            config = self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            betas = config["betas"]
+            kernels_optim.optimizer_update_8bit_blockwise_impl(
+                self.optimizer_name, p.grad, p, state["state1"], state["state2"], betas[0], betas[1], 0.0, config.get("alpha", 0.0),
+                config["eps"], state["step"], config["lr"], state["qmap1"], state["qmap2"], state["absmax1"], state["absmax2"],
+                config["weight_decay"], 1.0, False,
+            )
+
+    return TritonMasterAdamW8bit
+
+
+def _two_steps(cls, params, grads) -> list[torch.Tensor]:
+    """The float32 masters after two steps of ``cls`` from copies of ``params``."""
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    optimizer = cls(copies, lr=1e-4, weight_decay=1e-2)
+    for _ in range(2):
+        for copy, grad in zip(copies, grads):
+            copy.grad = grad
+        optimizer.step()
+    masters = [m.detach().clone() for m in optimizer.masters]
+    del optimizer, copies
+    gc.collect()
+    return masters
+
+
 def _time_steps(optimizer, params, grads, steps: int, device: torch.device) -> dict:
     host, wall = [], []
     for _ in range(steps):
@@ -68,18 +120,26 @@ def _time_steps(optimizer, params, grads, steps: int, device: torch.device) -> d
 def identical_8bit_layouts(params, grads) -> bool:
     """Two steps of the per-tensor and the flat 8-bit optimizers from the same weights agree bit for bit."""
     kinds = _optimizers()
-    results = []
-    for name in ("8bit-per-tensor", "8bit-flat"):
-        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        optimizer = kinds[name](copies, lr=1e-4, weight_decay=1e-2)
-        for _ in range(2):
-            for copy, grad in zip(copies, grads):
-                copy.grad = grad
-            optimizer.step()
-        results.append([m.detach().clone() for m in optimizer.masters])
-        del optimizer, copies
-        gc.collect()
+    results = [_two_steps(kinds[name], params, grads) for name in ("8bit-per-tensor", "8bit-flat")]
     return all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def error_vs_adamw(params, grads, kinds: dict, lr: float = 1e-4) -> dict:
+    """For each optimizer class, how far its masters land from float32 AdamW's after two steps from
+    the same weights and gradients: the max and the mean over all weights, in units of ``lr``."""
+    from diffpo.fastpath import MasterWeightAdamW
+
+    reference = _two_steps(MasterWeightAdamW, params, grads)
+    out = {}
+    for name, cls in kinds.items():
+        masters = _two_steps(cls, params, grads)
+        gaps = [(m - r).abs() for m, r in zip(masters, reference)]
+        count = sum(g.numel() for g in gaps)
+        out[name] = {"max_lr": max(float(g.max()) for g in gaps) / lr, "mean_lr": sum(float(g.sum()) for g in gaps) / count / lr}
+        del masters, gaps
+    del reference
+    gc.collect()
+    return out
 
 
 def main(argv=None) -> dict:
@@ -106,6 +166,11 @@ def main(argv=None) -> dict:
     print(f"{args.arch}: {result['tensors']} tensors, {result['parameters'] / 1e9:.3f}B parameters; 8-bit layouts identical: {result['identical']}", flush=True)
     kinds = [(name, cls, {}) for name, cls in _optimizers().items()]
     kinds += [(f"8bit-flat-min{int(n)}", _optimizers()["8bit-flat"], {"min_8bit_size": int(n)}) for n in args.min_sizes.split(",") if n.strip()]
+    triton_8bit = _triton_8bit() if device.type == "cuda" else None
+    if triton_8bit is not None:
+        kinds.append(("8bit-flat-triton", triton_8bit, {}))
+        result["error_vs_adamw"] = error_vs_adamw(params, grads, {"8bit-flat": _optimizers()["8bit-flat"], "8bit-flat-triton": triton_8bit})
+        print("after two steps, distance from float32 AdamW in learning rates:", result["error_vs_adamw"], flush=True)
     for name, cls, extra in kinds:
         optimizer = cls(params, lr=1e-4, weight_decay=1e-2, **extra)
         _time_steps(optimizer, params, grads, args.warmup, device)

@@ -15,7 +15,8 @@ A case is ``RECIPE/OBJECTIVE/MODE``:
 - RECIPE ``diffpo``: the fast path: latents and text embeddings from the cache (no VAE, no text
   encoders), bf16 weights with float32 masters (``diffpo.fastpath.MasterWeightAdamW``, fused),
   SDPA attention, one fused [winners; losers] batch, the reference as disabled adapters under LoRA.
-  ``diffpo+compile`` adds regional torch.compile; ``diffpo+ckpt`` gradient checkpointing (memory);
+  ``diffpo+compile`` adds regional torch.compile (``+fullcompile``: the whole network as one graph,
+  ``train.compile=full``); ``diffpo+ckpt`` gradient checkpointing (memory);
   ``+cl`` the channels_last memory format; ``+ckpt=down_blocks.1:up_blocks.1`` checkpoints only
   those blocks (``model.gradient_checkpointing: [down_blocks.1, up_blocks.1]``); ``+8bit`` keeps
   AdamW's moments in 8 bits over the float32 masters (``train.use_8bit_adam``:
@@ -56,7 +57,7 @@ from benchmarks.archs import ARCHS, Arch, build_encoders, build_unet
 OBJECTIVES = ("sft", "diffusion_dpo", "mapo", "dmpo", "unet")
 RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo+compile+8bit", "diffpo-fp32", "diffpo-fp32+ckpt")
 RECIPE_BASES = ("public", "diffpo", "diffpo-fp32")
-RECIPE_OPTIONS = ("compile", "ckpt", "cl", "8bit")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
+RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
 DEFAULT_CASES = (
     "public/mapo/full", "public/diffusion_dpo/full",
     "diffpo/sft/full", "diffpo/mapo/full", "diffpo/diffusion_dpo/full", "diffpo/dmpo/full",
@@ -96,7 +97,13 @@ class Case:
 
     @property
     def compiled(self) -> bool:
-        return "+compile" in self.recipe
+        return bool({"compile", "fullcompile"} & set(self.recipe.split("+")[1:]))
+
+    @property
+    def compile_mode(self) -> str:
+        """``train.compile`` of the case: none, regional (``+compile``) or full (``+fullcompile``)."""
+        options = self.recipe.split("+")[1:]
+        return "full" if "fullcompile" in options else "regional" if "compile" in options else "none"
 
     @property
     def bf16_weights(self) -> bool:
@@ -210,11 +217,11 @@ class Setup:
         return {"cond": cond, "latents_w": latent(), "latents_l": latent()}
 
     def compile(self) -> None:
-        """Regional torch.compile of the trained UNet and of a frozen reference copy (after the FLOP
-        count, which runs eagerly)."""
+        """torch.compile of the trained UNet and of a frozen reference copy, regional or whole
+        (``Case.compile_mode``; after the FLOP count, which runs eagerly)."""
         from diffpo.train import compile_model
 
-        compile_model(self.model, "regional")
+        compile_model(self.model, self.case.compile_mode)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)

@@ -62,6 +62,22 @@ def test_selective_checkpointing_cases_name_their_blocks():
         train_step.Case.parse("public+ckpt=down_blocks.1/mapo/full")
 
 
+def test_fullcompile_cases_compile_the_whole_network_regional_ones_its_blocks():
+    from benchmarks.archs import ARCHS
+
+    from diffpo.fastpath import compiled_regions
+
+    modes = {text: train_step.Case.parse(text).compile_mode for text in ("diffpo/mapo/full", "diffpo+compile+8bit/mapo/full", "diffpo+fullcompile+8bit/mapo/full")}
+    assert list(modes.values()) == ["none", "regional", "full"]
+    regions = {}
+    for text in ("diffpo+compile/mapo/full", "diffpo+fullcompile/mapo/full"):
+        setup = train_step.Setup(ARCHS["tiny-sdxl"], train_step.Case.parse(text), 1, torch.device("cpu"))
+        setup.compile()  # marks the modules; compilation itself happens at the first call
+        regions[text] = compiled_regions(setup.unet)
+    assert regions["diffpo+fullcompile/mapo/full"] == [""]  # the UNet itself, one graph
+    assert len(regions["diffpo+compile/mapo/full"]) > 5 and "" not in regions["diffpo+compile/mapo/full"]
+
+
 def test_activation_memory_splits_the_saved_tensors_and_flops_by_block():
     from benchmarks import activation_memory
 
@@ -98,3 +114,17 @@ def test_optimizer_step_benchmark_times_three_optimizers_and_checks_the_8bit_lay
     assert 0 < result["rows"][-1]["8bit_fraction"] < 1
     assert all(row["wall_ms"] >= row["host_ms"] > 0 for row in result["rows"])
     assert result["tensors"] > 100 and "benchmarks.optimizer_step" in result["environment"]["command"]
+
+
+def test_optimizer_benchmark_measures_8bit_updates_against_float32_adamw():
+    """``error_vs_adamw`` (the yardstick for an alternative 8-bit kernel, e.g. bitsandbytes' Triton
+    one on the GPU): float32 AdamW is 0 from itself; bitsandbytes' 8-bit update lands within about
+    one learning rate of it everywhere after two steps, and on average far closer."""
+    from benchmarks.optimizer_step import _optimizers, error_vs_adamw
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter((0.02 * torch.randn(shape)).to(torch.bfloat16)) for shape in [(64, 128), (300, 40), (5000,)]]
+    grads = [(1e-3 * torch.randn(p.shape)).to(torch.bfloat16) for p in params]
+    errors = error_vs_adamw(params, grads, {"adamw": _optimizers()["adamw"], "8bit-flat": _optimizers()["8bit-flat"]})
+    assert errors["adamw"] == {"max_lr": 0.0, "mean_lr": 0.0}
+    assert 0.05 < errors["8bit-flat"]["max_lr"] < 1.5 and 0 < errors["8bit-flat"]["mean_lr"] < 0.05
