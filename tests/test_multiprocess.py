@@ -52,7 +52,7 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, monkeypatch
 def test_two_processes_match_one_process_on_the_fast_path(tmp_path, monkeypatch):
     """The fast path under DDP: bf16 weights, float32 masters in flat buckets, 8-bit moments, the
     gradients taken into the masters before the host sync and clipped inside the update (clipping
-    active: max_grad_norm far under the norms), DDP's gradients as views of its all-reduce buckets.
+    active: max_grad_norm far under the norms), DDP's gradients views of its all-reduce buckets.
     bf16 gradients are summed in another order by the all-reduce than within one batch: equal to
     about bf16's precision, not to float32's."""
     monkeypatch.chdir(REPO)
@@ -69,8 +69,9 @@ def test_two_processes_match_one_process_on_the_fast_path(tmp_path, monkeypatch)
 
 
 def test_ddp_keeps_the_gradients_in_its_all_reduce_buckets():
-    """DDP's gradients are views of its all-reduce buckets (``gradient_as_bucket_view``): otherwise
-    each process holds the gradients twice (~4.8 GiB more for SDXL in bf16, issue 16)."""
+    """DDP's gradients become views of its all-reduce buckets (``gradient_as_bucket_view``) instead of
+    being copied back out of them: with one micro-step per step, no second copy of the gradients
+    per process (4.8 GiB of bf16 for SDXL, issue 16)."""
     from diffpo.config import config_from_dict
     from diffpo.train import setup_accelerator
 
