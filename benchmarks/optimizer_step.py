@@ -89,10 +89,10 @@ def _triton_8bit() -> type | None:
     return TritonMasterAdamW8bit
 
 
-def _two_steps(cls, params, grads) -> list[torch.Tensor]:
+def _two_steps(cls, params, grads, lr: float = 1e-4) -> list[torch.Tensor]:
     """The float32 masters after two steps of ``cls`` from copies of ``params``."""
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    optimizer = cls(copies, lr=1e-4, weight_decay=1e-2)
+    optimizer = cls(copies, lr=lr, weight_decay=1e-2)
     for _ in range(2):
         for copy, grad in zip(copies, grads):
             copy.grad = grad
@@ -129,10 +129,10 @@ def error_vs_adamw(params, grads, kinds: dict, lr: float = 1e-4) -> dict:
     the same weights and gradients: the max and the mean over all weights, in units of ``lr``."""
     from diffpo.fastpath import MasterWeightAdamW
 
-    reference = _two_steps(MasterWeightAdamW, params, grads)
+    reference = _two_steps(MasterWeightAdamW, params, grads, lr)
     out = {}
     for name, cls in kinds.items():
-        masters = _two_steps(cls, params, grads)
+        masters = _two_steps(cls, params, grads, lr)
         gaps = [(m - r).abs() for m, r in zip(masters, reference)]
         count = sum(g.numel() for g in gaps)
         out[name] = {"max_lr": max(float(g.max()) for g in gaps) / lr, "mean_lr": sum(float(g.sum()) for g in gaps) / count / lr}

@@ -55,7 +55,7 @@ import torch
 from benchmarks.archs import ARCHS, Arch, build_encoders, build_unet
 
 OBJECTIVES = ("sft", "diffusion_dpo", "mapo", "dmpo", "unet")
-RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo+compile+8bit", "diffpo-fp32", "diffpo-fp32+ckpt")
+RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo+compile+8bit", "diffpo+fullcompile+8bit", "diffpo-fp32", "diffpo-fp32+ckpt")
 RECIPE_BASES = ("public", "diffpo", "diffpo-fp32")
 RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
 DEFAULT_CASES = (

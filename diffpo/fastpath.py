@@ -51,8 +51,8 @@ class MasterWeights:
     are the network's (e.g. bf16) parameters; the optimizer's own param groups hold their float32
     masters, so learning-rate schedulers, ``state_dict`` and accelerate work as with the plain
     optimizer. ``step`` upcasts each gradient into its master's ``.grad`` (freeing the
-    low-precision gradient at once, so the two never coexist for all parameters), lets the
-    optimizer step the masters, and copies them back. The masters are part of ``state_dict``: a
+    low-precision gradient at once, so the two never coexist for all parameters; ``prepare_step``
+    does this part ahead of ``step``), lets the optimizer step the masters, and copies them back. The masters are part of ``state_dict``: a
     resumed run continues from the float32 values, not from their bf16 rounding.
     """
 
@@ -330,36 +330,36 @@ def _master_weight_adamw8bit() -> type:
                     f"not {self.block}: flat master buckets would mix parameters in one block; this bitsandbytes is not supported"
                 )
 
-        scales_gradients = True
+        scales_gradients = property(lambda self: _bitsandbytes_takes_gnorm_scale())
 
         @torch.no_grad()
         def update_step(self, group, p, gindex, pindex):
             """bitsandbytes' update with the gradient scale (``set_gradient_scale``) passed to its
             kernels, which multiply each gradient by it as they read it (``gnorm_scale``): clipping
-            then costs no pass of its own over the gradients (torch's ``clip_grad_norm_`` reads and
-            writes all of them: 3.5 ms per SDXL step on an H200, issue 16). Without a scale,
-            bitsandbytes' own ``update_step``; with one, its body for the two kinds of state the
-            buckets hold (bitsandbytes 0.50 ``Optimizer2State.update_step``, which passes 1.0)."""
+            then needs no rescaling pass over the gradients (torch's ``clip_grad_norm_`` reads and
+            writes all of them after reading them for the norm: 3.5 ms per SDXL step on an H200,
+            issue 16). Without a scale, bitsandbytes' own ``update_step``; with one, its body for the
+            two kinds of state the buckets hold (bitsandbytes 0.50 ``Optimizer2State.update_step``,
+            which passes 1.0), with keyword arguments (``_bitsandbytes_takes_gnorm_scale`` checks
+            them, else the trainer clips as before)."""
             if self._gradient_scale == 1.0:
                 return super().update_step(group, p, gindex, pindex)
             from bitsandbytes import functional as F
 
             state, config = self.state[p], self.get_config(gindex, pindex, group)
             state["step"] += 1
-            betas, step, scale = config["betas"], state["step"], self._gradient_scale
-            beta3 = betas[2] if len(betas) >= 3 else 0.0
+            betas = config["betas"]
+            common = dict(
+                optimizer_name=self.optimizer_name, g=p.grad, p=p, state1=state["state1"], state2=state["state2"],
+                beta1=betas[0], beta2=betas[1], beta3=betas[2] if len(betas) >= 3 else 0.0, alpha=config.get("alpha", 0.0),
+                eps=config["eps"], step=state["step"], lr=config["lr"], weight_decay=config["weight_decay"],
+                gnorm_scale=self._gradient_scale, skip_zeros=config["skip_zeros"],
+            )
             if state["state1"].dtype == torch.float32:
-                F.optimizer_update_32bit(
-                    self.optimizer_name, p.grad, p, state["state1"], betas[0], config["eps"], step, config["lr"],
-                    state["state2"], betas[1], beta3, config.get("alpha", 0.0), config["weight_decay"], scale,
-                    state["unorm_vec"] if config["max_unorm"] > 0.0 else None, max_unorm=config["max_unorm"], skip_zeros=config["skip_zeros"],
-                )
+                unorm = state["unorm_vec"] if config["max_unorm"] > 0.0 else None
+                F.optimizer_update_32bit(**common, unorm_vec=unorm, max_unorm=config["max_unorm"])
             elif state["state1"].dtype == torch.uint8:
-                F.optimizer_update_8bit_blockwise(
-                    self.optimizer_name, p.grad, p, state["state1"], state["state2"], betas[0], betas[1], beta3,
-                    config.get("alpha", 0.0), config["eps"], step, config["lr"], state["qmap1"], state["qmap2"],
-                    state["absmax1"], state["absmax2"], config["weight_decay"], gnorm_scale=scale, skip_zeros=config["skip_zeros"],
-                )
+                F.optimizer_update_8bit_blockwise(**common, qmap1=state["qmap1"], qmap2=state["qmap2"], absmax1=state["absmax1"], absmax2=state["absmax2"])
             else:
                 raise RuntimeError(f"unexpected optimizer state dtype {state['state1'].dtype}")
 
@@ -372,6 +372,20 @@ def _master_weight_adamw8bit() -> type:
 
     MasterWeightAdamW8bit.__module__, MasterWeightAdamW8bit.__qualname__ = __name__, "MasterWeightAdamW8bit"
     return MasterWeightAdamW8bit
+
+
+@functools.cache
+def _bitsandbytes_takes_gnorm_scale() -> bool:
+    """Whether this bitsandbytes' functional updates take every keyword ``update_step`` passes
+    (bitsandbytes >= 0.44, with AdEMAMix's ``beta3`` and ``alpha``)."""
+    import inspect
+
+    from bitsandbytes import functional as F
+
+    needed = {"optimizer_name", "g", "p", "state1", "state2", "beta1", "beta2", "beta3", "alpha", "eps", "step", "lr", "weight_decay", "gnorm_scale", "skip_zeros"}
+    names_32 = set(inspect.signature(F.optimizer_update_32bit).parameters)
+    names_8 = set(inspect.signature(F.optimizer_update_8bit_blockwise).parameters)
+    return needed | {"unorm_vec", "max_unorm"} <= names_32 and needed | {"qmap1", "qmap2", "absmax1", "absmax2"} <= names_8
 
 
 def __getattr__(name: str):

@@ -504,7 +504,7 @@ def test_8bit_masters_apply_a_gradient_scale_inside_the_update_for_one_step():
     reference = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
     optimizer = MasterWeightAdamW8bit(params, lr=1e-3)
     reference_optimizer = bnb.optim.AdamW8bit(reference, lr=1e-3)
-    for step, scale in enumerate([0.25, 1.0, 0.5]):
+    for step, scale in enumerate([0.3, 1.0, 0.7]):  # not powers of two: the product rounds
         _set_grads(params, step, reference)
         for ref in reference:
             ref.grad.mul_(scale)  # what clip_grad_norm_ does to float32 gradients
@@ -599,3 +599,20 @@ def test_trainer_clips_inside_the_8bit_update_after_taking_the_gradients_before_
     assert a[0]["grad_norm"] == b[0]["grad_norm"] and a[0]["loss"] == b[0]["loss"]
     assert all(abs(x["loss"] - y["loss"]) <= 1e-2 * y["loss"] for x, y in zip(a, b))
     assert not any(torch.equal(value, weights["inside", 1e6][key]) for key, value in weights["inside", 0.05].items() if value.numel() > 64)  # clipping changed the run
+
+
+def test_gradient_norm_is_clip_grad_norms_also_without_get_total_norm(monkeypatch):
+    """The trainer's norm for clipping inside the update equals the one torch's clip_grad_norm_
+    reports, with torch.nn.utils.get_total_norm (torch >= 2.6) and with the fallback for older torch."""
+    from diffpo.fastpath import _bitsandbytes_takes_gnorm_scale
+    from diffpo.train import _gradient_norm
+
+    params = list(_bf16_mlp(0).parameters())
+    _set_grads(params, 5)
+    params[1].grad = None  # a parameter without a gradient is left out, as clip_grad_norm_ leaves it
+    expected = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    assert torch.equal(_gradient_norm(params), expected)
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    assert torch.equal(_gradient_norm(params), expected)
+    assert _gradient_norm([torch.nn.Parameter(torch.ones(2))]).item() == 0.0
+    assert _bitsandbytes_takes_gnorm_scale()  # the installed bitsandbytes: the trainer clips inside its update

@@ -69,9 +69,10 @@ def test_two_processes_match_one_process_on_the_fast_path(tmp_path, monkeypatch)
 
 
 def test_ddp_keeps_the_gradients_in_its_all_reduce_buckets():
-    """DDP's gradients become views of its all-reduce buckets (``gradient_as_bucket_view``) instead of
-    being copied back out of them: with one micro-step per step, no second copy of the gradients
-    per process (4.8 GiB of bf16 for SDXL, issue 16)."""
+    """The trainer asks DDP for gradients that are views of its all-reduce buckets
+    (``gradient_as_bucket_view``) instead of copies out of them: with one micro-step per step, no
+    second copy of the gradients per process (4.8 GiB of bf16 for SDXL, issue 16). The setting
+    only; the two-process tests above train with it."""
     from diffpo.config import config_from_dict
     from diffpo.train import setup_accelerator
 
