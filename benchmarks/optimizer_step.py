@@ -12,17 +12,18 @@ fast path in turn (one in memory at a time):
 - ``8bit-flat``: ``MasterWeightAdamW8bit``, the masters in flat buckets, one call per bucket;
 - ``8bit-flat-minN``: the same with ``min_8bit_size=N`` (``train.adam_8bit_min_size``): only tensors
   of at least N elements get 8-bit moments, the others float32 ones (``--min-sizes``);
-- ``8bit-flat-triton`` (CUDA with Triton only): the flat buckets' 8-bit update by bitsandbytes' Triton
-  kernel (``bitsandbytes.backends.triton``, written for Intel GPUs, plain Triton) instead of its CUDA
-  one, a candidate for the 72 ms the CUDA kernel takes per SDXL step where its memory traffic alone
-  (~16 bytes per parameter) would take ~9 ms on an H200 (BENCHMARKS.md, issue 16). Not bit for bit
+- ``8bit-flat-triton`` (CUDA with Triton only; ``train.adam_8bit_kernel=triton``): the flat buckets'
+  8-bit update by bitsandbytes' Triton kernel (``bitsandbytes.backends.triton``, written for Intel GPUs,
+  plain Triton) instead of its CUDA one, a candidate for the 72 ms the CUDA kernel takes per SDXL
+  step where its memory traffic alone (~16 bytes per parameter) would take ~9 ms on an H200
+  (BENCHMARKS.md, issue 16). Not bit for bit
   the CUDA kernel: it rounds to the nearest code by another rule, and one code apart the moments
   then differ. ``error_vs_adamw`` says how far each 8-bit update lands from float32 AdamW's after two
   steps (max and mean over all weights, in units of the learning rate): the Triton kernel should be
   no farther than the CUDA one (on CPU, bitsandbytes' CPU update against the Triton kernel
   interpreted: max 0.94 and 0.55, mean 0.012 and 0.0085 lr). Its kernel takes the gradient scale
-  as a compile-time constant, so diffpo's clipping inside the update would recompile it every
-  step: this row runs without clipping.
+  as a compile-time constant, so with it the trainer clips in a pass of its own (3.5 ms per SDXL
+  step); this benchmark does not clip.
 
 Per step: the host time of ``step()`` (Python and kernel launches; the GPU idles for it when the
 step follows a host sync, as in the trainer) and the wall time until the GPU is done. Before timing,
@@ -32,6 +33,7 @@ the two 8-bit layouts step twice from the same start and must agree bit for bit 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -62,31 +64,16 @@ def _optimizers() -> dict:
     return {"adamw": MasterWeightAdamW, "8bit-per-tensor": PerTensorMasterAdamW8bit, "8bit-flat": MasterWeightAdamW8bit}
 
 
-def _triton_8bit() -> type | None:
-    """``MasterWeightAdamW8bit`` whose 8-bit buckets bitsandbytes' Triton kernel updates, or None
-    where Triton or that kernel is missing."""
+def _triton_8bit():
+    """``MasterWeightAdamW8bit`` with bitsandbytes' Triton kernel for the 8-bit buckets
+    (``train.adam_8bit_kernel=triton``), or None where Triton or that kernel is missing."""
+    from diffpo.fastpath import MasterWeightAdamW8bit, _bitsandbytes_triton_update
+
     try:
-        from bitsandbytes.backends.triton import kernels_optim
-    except Exception:  # no Triton (CPU-only torch), or a bitsandbytes without the module
+        _bitsandbytes_triton_update()
+    except ImportError:  # no Triton (CPU-only torch), or a bitsandbytes without the module
         return None
-    from diffpo.fastpath import MasterWeightAdamW8bit
-
-    class TritonMasterAdamW8bit(MasterWeightAdamW8bit):
-        @torch.no_grad()
-        def update_step(self, group, p, gindex, pindex):
-            state = self.state[p]
-            if state["state1"].dtype != torch.uint8 or self._gradient_scale != 1.0:
-                return super().update_step(group, p, gindex, pindex)
-            config = self.get_config(gindex, pindex, group)
-            state["step"] += 1
-            betas = config["betas"]
-            kernels_optim.optimizer_update_8bit_blockwise_impl(
-                self.optimizer_name, p.grad, p, state["state1"], state["state2"], betas[0], betas[1], 0.0, config.get("alpha", 0.0),
-                config["eps"], state["step"], config["lr"], state["qmap1"], state["qmap2"], state["absmax1"], state["absmax2"],
-                config["weight_decay"], 1.0, False,
-            )
-
-    return TritonMasterAdamW8bit
+    return functools.partial(MasterWeightAdamW8bit, kernel="triton")
 
 
 def _two_steps(cls, params, grads, lr: float = 1e-4) -> list[torch.Tensor]:

@@ -196,6 +196,14 @@ class TrainConfig:
     ``min_8bit_size``, whose default this is). Raising it quantizes only the largest tensors: less
     memory saved, and less of the 8-bit kernel's time, which on SDXL costs ~45 ms per step more
     than 32-bit AdamW (BENCHMARKS.md, issue 16)."""
+    adam_8bit_kernel: Literal["bitsandbytes", "triton"] = "bitsandbytes"
+    """With ``use_8bit_adam`` over bf16 weights: the kernel that updates the 8-bit moments.
+    ``bitsandbytes``: its own for the device (its CUDA kernel on NVIDIA GPUs: 72 ms of each SDXL step
+    on an H200, where the memory traffic alone would take ~9 ms); ``triton``: bitsandbytes' Triton
+    kernel (written for Intel GPUs; needs Triton, which CUDA builds of torch ship). Same state
+    layout (a checkpoint resumes under either), another rounding to the nearest 8-bit code; not
+    measured on a GPU yet (BENCHMARKS.md, issue 16). Its kernel takes the gradient scale as a
+    compile-time constant, so clipping then runs as a pass of its own."""
     max_grad_norm: float | None = 1.0
     """Clip the gradients' global norm to this; null: no clipping."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -247,6 +255,8 @@ class TrainConfig:
             _check(is_identity_key(key), "train.resume_allow_changes", f"{key!r} is not a key of the run identity (those are: {', '.join(IDENTITY_KEYS)}, loss.<hparam>)")
         if self.weight_dtype == "bf16":
             _check(self.mixed_precision == "bf16", "train.weight_dtype", f"bf16 weights need train.mixed_precision=bf16, got {self.mixed_precision!r}")
+        if self.adam_8bit_kernel != "bitsandbytes":
+            _check(self.use_8bit_adam and self.weight_dtype == "bf16", "train.adam_8bit_kernel", f"{self.adam_8bit_kernel!r} steps the float32 masters of bf16 weights: needs train.use_8bit_adam=true and train.weight_dtype=bf16")
 
 
 @dataclass

@@ -314,8 +314,11 @@ def _master_weight_adamw8bit() -> type:
         float32. bitsandbytes' per-parameter overrides (``GlobalOptimManager``) name the network's
         parameters, not the buckets: they do not apply here."""
 
-        def __init__(self, params, min_8bit_size: int = 4096, **kwargs):
-            self._min_8bit_size = min_8bit_size
+        def __init__(self, params, min_8bit_size: int = 4096, kernel: str = "bitsandbytes", **kwargs):
+            if kernel not in ("bitsandbytes", "triton"):
+                raise ValueError(f"kernel must be 'bitsandbytes' or 'triton', got {kernel!r}")
+            self._min_8bit_size, self.kernel = min_8bit_size, kernel
+            self._triton_update = _bitsandbytes_triton_update() if kernel == "triton" else None
             super().__init__(params, min_8bit_size=min_8bit_size, **kwargs)
 
         def _bucket_kind(self, param):
@@ -330,7 +333,8 @@ def _master_weight_adamw8bit() -> type:
                     f"not {self.block}: flat master buckets would mix parameters in one block; this bitsandbytes is not supported"
                 )
 
-        scales_gradients = property(lambda self: _bitsandbytes_takes_gnorm_scale())
+        # bitsandbytes' Triton kernel compiles the scale in: a new kernel for every clipping coefficient
+        scales_gradients = property(lambda self: self.kernel == "bitsandbytes" and _bitsandbytes_takes_gnorm_scale())
 
         @torch.no_grad()
         def update_step(self, group, p, gindex, pindex):
@@ -342,6 +346,8 @@ def _master_weight_adamw8bit() -> type:
             two kinds of state the buckets hold (bitsandbytes 0.50 ``Optimizer2State.update_step``,
             which passes 1.0), with keyword arguments (``_bitsandbytes_takes_gnorm_scale`` checks
             them, else the trainer clips as before)."""
+            if self._triton_update is not None and self.state[p]["state1"].dtype == torch.uint8:
+                return self._triton_step(group, p, gindex, pindex)
             if self._gradient_scale == 1.0:
                 return super().update_step(group, p, gindex, pindex)
             from bitsandbytes import functional as F
@@ -363,6 +369,24 @@ def _master_weight_adamw8bit() -> type:
             else:
                 raise RuntimeError(f"unexpected optimizer state dtype {state['state1'].dtype}")
 
+        def _triton_step(self, group, p, gindex, pindex):
+            """An 8-bit bucket's update by bitsandbytes' Triton kernel (``kernel="triton"``): the
+            arguments its own ``optimizer_update_8bit_blockwise`` op passes it, on ``p``'s device."""
+            import contextlib
+
+            state, config = self.state[p], self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            betas = config["betas"]
+            on_device = torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext()
+            with on_device:
+                self._triton_update(
+                    optimizer_name=self.optimizer_name, g=p.grad, p=p, state1=state["state1"], state2=state["state2"],
+                    beta1=betas[0], beta2=betas[1], beta3=betas[2] if len(betas) >= 3 else 0.0, alpha=config.get("alpha", 0.0),
+                    eps=config["eps"], step=state["step"], lr=config["lr"], qmap1=state["qmap1"], qmap2=state["qmap2"],
+                    absmax1=state["absmax1"], absmax2=state["absmax2"], weight_decay=config["weight_decay"], gnorm_scale=1.0,
+                    skip_zeros=config["skip_zeros"],
+                )
+
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)
             flat = self.param_groups[gindex]["params"][pindex]
@@ -372,6 +396,16 @@ def _master_weight_adamw8bit() -> type:
 
     MasterWeightAdamW8bit.__module__, MasterWeightAdamW8bit.__qualname__ = __name__, "MasterWeightAdamW8bit"
     return MasterWeightAdamW8bit
+
+
+def _bitsandbytes_triton_update():
+    """bitsandbytes' Triton 8-bit update (``bitsandbytes.backends.triton``, written for Intel GPUs;
+    plain Triton), or ImportError saying what is missing."""
+    try:
+        from bitsandbytes.backends.triton import kernels_optim
+    except ImportError as err:
+        raise ImportError(f"train.adam_8bit_kernel=triton needs Triton and a bitsandbytes with its Triton kernels ({err})") from None
+    return kernels_optim.optimizer_update_8bit_blockwise_impl
 
 
 @functools.cache

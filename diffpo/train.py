@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -220,7 +221,14 @@ def build_optimizer(params, cfg: Config, device: torch.device | str = "cpu"):
         # built on first use (they subclass bitsandbytes' AdamW8bit, without its per-parameter waits)
         from diffpo.fastpath import AdamW8bit, MasterWeightAdamW8bit
 
-        return (MasterWeightAdamW8bit if tc.weight_dtype == "bf16" else AdamW8bit)(params, min_8bit_size=tc.adam_8bit_min_size, **kwargs)
+        if tc.weight_dtype != "bf16":
+            return AdamW8bit(params, min_8bit_size=tc.adam_8bit_min_size, **kwargs)
+        if tc.adam_8bit_kernel == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise TrainingError(f"train.adam_8bit_kernel=triton runs on CUDA GPUs (device here: {device}); use train.adam_8bit_kernel=bitsandbytes")
+        try:
+            return MasterWeightAdamW8bit(params, min_8bit_size=tc.adam_8bit_min_size, kernel=tc.adam_8bit_kernel, **kwargs)
+        except ImportError as err:
+            raise TrainingError(str(err)) from None
     if tc.weight_dtype == "bf16":
         return MasterWeightAdamW(params, **kwargs)
     return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)

@@ -616,3 +616,69 @@ def test_gradient_norm_is_clip_grad_norms_also_without_get_total_norm(monkeypatc
     assert torch.equal(_gradient_norm(params), expected)
     assert _gradient_norm([torch.nn.Parameter(torch.ones(2))]).item() == 0.0
     assert _bitsandbytes_takes_gnorm_scale()  # the installed bitsandbytes: the trainer clips inside its update
+
+
+def test_triton_8bit_kernel_option_is_checked_before_training(monkeypatch):
+    """``train.adam_8bit_kernel=triton``: only over bf16 masters with 8-bit AdamW (a config error
+    otherwise), only on CUDA, and a clear error where Triton or bitsandbytes' Triton kernels are missing."""
+    import sys
+
+    from diffpo.train import TrainingError, build_optimizer
+
+    with pytest.raises(ConfigError, match="adam_8bit_kernel.*use_8bit_adam=true and train.weight_dtype=bf16"):
+        config_from_dict({"train": {"adam_8bit_kernel": "triton", "use_8bit_adam": True}})
+    with pytest.raises(ConfigError, match="adam_8bit_kernel"):
+        config_from_dict({"train": {"adam_8bit_kernel": "cuda"}})
+    cfg = config_from_dict({"train": {"adam_8bit_kernel": "triton", "use_8bit_adam": True, "weight_dtype": "bf16", "mixed_precision": "bf16"}})
+    params = list(_bf16_mlp(0).parameters())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(TrainingError, match="runs on CUDA GPUs"):
+        build_optimizer(params, cfg, "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's CPU interpreter: past the device check
+    for name in ("triton", "bitsandbytes.backends.triton", "bitsandbytes.backends.triton.kernels_optim"):
+        monkeypatch.setitem(sys.modules, name, None)  # not installed
+    with pytest.raises(TrainingError, match="needs Triton"):
+        build_optimizer(params, cfg, "cpu")
+
+
+def test_triton_8bit_kernel_updates_the_8bit_buckets_in_the_same_state_layout(monkeypatch):
+    """Where Triton runs (a CUDA GPU, or its CPU interpreter: TRITON_INTERPRET=1 with Triton
+    installed; CI has neither): the 8-bit buckets go through bitsandbytes' Triton kernel, the 32-bit
+    ones through bitsandbytes as before; its update lands about as close to float32 AdamW as
+    bitsandbytes' own; the state is the same layout (each optimizer loads the other's and goes on);
+    clipping stays outside (its kernel compiles the scale in)."""
+    import io
+    import os
+
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1")
+    from benchmarks.optimizer_step import error_vs_adamw
+
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = []
+    triton_kind = lambda params, **kw: MasterWeightAdamW8bit(params, kernel="triton", **kw)  # noqa: E731
+    optimizer = triton_kind([p.to(device) for p in _bf16_mlp(0).parameters()], lr=1e-3)
+    real = optimizer._triton_update
+    optimizer._triton_update = lambda **kw: calls.append(kw["p"].numel()) or real(**kw)
+    _set_grads(optimizer.model_params, 0)
+    optimizer.step()
+    assert calls == [2 * 8192] and not optimizer.scales_gradients  # the one 8-bit bucket; biases: 32-bit, bitsandbytes
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter((0.02 * torch.randn(shape, device=device)).to(torch.bfloat16)) for shape in [(64, 128), (300, 40), (5000,)]]
+    grads = [(1e-3 * torch.randn(p.shape, device=device)).to(torch.bfloat16) for p in params]
+    errors = error_vs_adamw(params, grads, {"bitsandbytes": MasterWeightAdamW8bit, "triton": triton_kind})
+    assert errors["triton"]["max_lr"] < 1.5 * errors["bitsandbytes"]["max_lr"] and errors["triton"]["mean_lr"] < 1.5 * errors["bitsandbytes"]["mean_lr"]
+    saved = io.BytesIO()
+    torch.save(optimizer.state_dict(), saved)
+    saved.seek(0)
+    other = MasterWeightAdamW8bit([p.to(device) for p in _bf16_mlp(1).parameters()], lr=1e-3)
+    other.load_state_dict(torch.load(saved, weights_only=False))
+    assert all(torch.equal(a, b) for a, b in zip(other.masters, optimizer.masters))
+    _set_grads(other.model_params, 1)
+    _set_grads(optimizer.model_params, 1)
+    other.step()
+    optimizer.step()
+    assert all((a - b).abs().max() < 5e-3 for a, b in zip(other.masters, optimizer.masters))  # one lr step apart at most
