@@ -71,7 +71,7 @@ def _triton_8bit():
 
     try:
         _bitsandbytes_triton_update()
-    except ImportError:  # no Triton (CPU-only torch), or a bitsandbytes without the module
+    except Exception:  # no Triton (CPU-only torch), a bitsandbytes without the module, a broken Triton
         return None
     return functools.partial(MasterWeightAdamW8bit, kernel="triton")
 

@@ -203,7 +203,8 @@ class TrainConfig:
     kernel (written for Intel GPUs; needs Triton, which CUDA builds of torch ship). Same state
     layout (a checkpoint resumes under either), another rounding to the nearest 8-bit code; not
     measured on a GPU yet (BENCHMARKS.md, issue 16). Its kernel takes the gradient scale as a
-    compile-time constant, so clipping then runs as a pass of its own."""
+    compile-time constant, so clipping then runs as a pass of its own; Triton compiles it anew at
+    steps 1, 2 and 16 (integer arguments equal to 1 or divisible by 16 are specialized)."""
     max_grad_norm: float | None = 1.0
     """Clip the gradients' global norm to this; null: no clipping."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

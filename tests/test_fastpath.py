@@ -677,8 +677,13 @@ def test_triton_8bit_kernel_updates_the_8bit_buckets_in_the_same_state_layout(mo
     other = MasterWeightAdamW8bit([p.to(device) for p in _bf16_mlp(1).parameters()], lr=1e-3)
     other.load_state_dict(torch.load(saved, weights_only=False))
     assert all(torch.equal(a, b) for a, b in zip(other.masters, optimizer.masters))
+    for mine, theirs in zip(optimizer.param_groups[0]["params"], other.param_groups[0]["params"]):
+        assert optimizer.state[mine].keys() == other.state[theirs].keys()
+        for key in set(optimizer.state[mine]) & {"state1", "state2", "absmax1", "absmax2", "step"}:
+            a, b = optimizer.state[mine][key], other.state[theirs][key]
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), key  # the moments carried over as they are
     _set_grads(other.model_params, 1)
     _set_grads(optimizer.model_params, 1)
     other.step()
     optimizer.step()
-    assert all((a - b).abs().max() < 5e-3 for a, b in zip(other.masters, optimizer.masters))  # one lr step apart at most
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(other.masters, optimizer.masters))  # 0.01 lr: only the codes' rounding differs
