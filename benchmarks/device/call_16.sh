@@ -20,7 +20,7 @@ XL=${XL:-sdxl} PAIRS=${PAIRS:-64} DEV=${DEV:-cuda} STEPS=${STEPS:-20} HSTEPS=${H
 # selective checkpointing: the 128/64-px blocks without up_blocks.1; all 128/64-px blocks; the 32-px down block
 LEVERS=${LEVERS:-"down_blocks.0:down_blocks.1:up_blocks.2 down_blocks.0:down_blocks.1:up_blocks.1:up_blocks.2 down_blocks.2"}
 WORK=${WORK:-/tmp/e2e16}
-STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py)
+STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py), tritontest
 RESERVE=${RESERVE:-25}  # seconds the harness leaves to the stages after it
 # STAGES run in the order given
 START=$(date +%s)
@@ -79,6 +79,11 @@ run_optim() {  # the optimizer step alone, side by side: fused AdamW, 8-bit per 
   stage optimizer_step
   timeout $(cap ${OPTIM_CAP:-90}) python3 -m benchmarks.optimizer_step --arch $XL --device $DEV --out "$OUT/optimizer_step.json" > "$OUT/logs/optimizer_step.log" 2>&1
   stage "optimizer_step rc=$?"
+}
+run_tritontest() {  # train.adam_8bit_kernel=triton's tests, which skip without Triton (CI): on the GPU before its numbers count
+  stage triton test
+  timeout $(cap 120) python3 -m pytest -q -x -p no:cacheprovider tests/test_fastpath.py -k triton > "$OUT/logs/triton_test.log" 2>&1
+  stage "triton test rc=$?"
 }
 run_fp16() {  # the one trainer guard that runs on a GPU only
   if [ "$(left)" -gt 40 ]; then

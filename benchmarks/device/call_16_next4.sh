@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16's next device calls (after "Issue 16, the trainer's overhead" in BENCHMARKS.md): the two levers
 # left for target 1, each measured side by side before anything is wired into the trainer. One H200.
-#   PART=e (~9.5 min): the optimizer step alone with bitsandbytes' Triton 8-bit kernel beside its CUDA one
+#   PART=e (~9.5 min): train.adam_8bit_kernel=triton's tests on the GPU (they skip in CI); the optimizer
+#          step alone with bitsandbytes' Triton 8-bit kernel beside its CUDA one
 #          (benchmarks/optimizer_step.py: time, and each one's distance from float32 AdamW after two
 #          steps); then the harness: the public recipe, diffpo with the whole UNet compiled as one graph
 #          (train.compile=full: fewer gaps between compiled regions; cold, so its compile time shows),
@@ -14,7 +15,7 @@
 # Run after installing the carried wheels (diffusers, datasets, bitsandbytes):  PART=e bash benchmarks/device/call_16_next4.sh
 export PAIRS=${PAIRS:-16} RESERVE=${RESERVE:-3}
 case ${PART:-e} in
-  e) export BUDGET=${BUDGET:-560} STAGES=${STAGES:-"optim harness"} OPTIM_CAP=${OPTIM_CAP:-150} \
+  e) export BUDGET=${BUDGET:-560} STAGES=${STAGES:-"tritontest optim harness"} OPTIM_CAP=${OPTIM_CAP:-150} \
        CASES=${CASES:-"public/mapo/full,diffpo+fullcompile+8bit/mapo/full,diffpo+compile+8bit/mapo/full"} ;;
   f) export BUDGET=${BUDGET:-560} STAGES=${STAGES:-"setup cold warm harness"} COLD_CAP=${COLD_CAP:-330} \
        WARM_CAP=${WARM_CAP:-100} WARM_ARGS=${WARM_ARGS:-"train.adam_8bit_kernel=triton"} CASES=${CASES:-"public/mapo/full"} ;;
