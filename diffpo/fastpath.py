@@ -29,6 +29,7 @@ SDXL step on an H200 against 95-122 ms tensor by tensor and 41 ms for 32-bit fus
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -345,47 +346,36 @@ def _master_weight_adamw8bit() -> type:
             issue 16). Without a scale, bitsandbytes' own ``update_step``; with one, its body for the
             two kinds of state the buckets hold (bitsandbytes 0.50 ``Optimizer2State.update_step``,
             which passes 1.0), with keyword arguments (``_bitsandbytes_takes_gnorm_scale`` checks
-            them, else the trainer clips as before)."""
-            if self._triton_update is not None and self.state[p]["state1"].dtype == torch.uint8:
-                return self._triton_step(group, p, gindex, pindex)
-            if self._gradient_scale == 1.0:
+            them, else the trainer clips as before). With ``kernel="triton"`` the 8-bit buckets go
+            to bitsandbytes' Triton kernel instead, with the same arguments."""
+            state = self.state[p]
+            eight_bit = state["state1"].dtype == torch.uint8
+            triton = self._triton_update is not None and eight_bit  # kernel="triton": never a scale (scales_gradients)
+            if not triton and self._gradient_scale == 1.0:
                 return super().update_step(group, p, gindex, pindex)
             from bitsandbytes import functional as F
 
-            state, config = self.state[p], self.get_config(gindex, pindex, group)
+            config = self.get_config(gindex, pindex, group)
             state["step"] += 1
             betas = config["betas"]
-            common = dict(
+            kwargs = dict(
                 optimizer_name=self.optimizer_name, g=p.grad, p=p, state1=state["state1"], state2=state["state2"],
                 beta1=betas[0], beta2=betas[1], beta3=betas[2] if len(betas) >= 3 else 0.0, alpha=config.get("alpha", 0.0),
                 eps=config["eps"], step=state["step"], lr=config["lr"], weight_decay=config["weight_decay"],
                 gnorm_scale=self._gradient_scale, skip_zeros=config["skip_zeros"],
             )
-            if state["state1"].dtype == torch.float32:
+            if eight_bit:
+                kwargs.update(qmap1=state["qmap1"], qmap2=state["qmap2"], absmax1=state["absmax1"], absmax2=state["absmax2"])
+                if triton:  # bitsandbytes' Triton op takes the same arguments, on p's device as its own wrapper runs it
+                    with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
+                        self._triton_update(**kwargs)
+                else:
+                    F.optimizer_update_8bit_blockwise(**kwargs)
+            elif state["state1"].dtype == torch.float32:
                 unorm = state["unorm_vec"] if config["max_unorm"] > 0.0 else None
-                F.optimizer_update_32bit(**common, unorm_vec=unorm, max_unorm=config["max_unorm"])
-            elif state["state1"].dtype == torch.uint8:
-                F.optimizer_update_8bit_blockwise(**common, qmap1=state["qmap1"], qmap2=state["qmap2"], absmax1=state["absmax1"], absmax2=state["absmax2"])
+                F.optimizer_update_32bit(**kwargs, unorm_vec=unorm, max_unorm=config["max_unorm"])
             else:
                 raise RuntimeError(f"unexpected optimizer state dtype {state['state1'].dtype}")
-
-        def _triton_step(self, group, p, gindex, pindex):
-            """An 8-bit bucket's update by bitsandbytes' Triton kernel (``kernel="triton"``): the
-            arguments its own ``optimizer_update_8bit_blockwise`` op passes it, on ``p``'s device."""
-            import contextlib
-
-            state, config = self.state[p], self.get_config(gindex, pindex, group)
-            state["step"] += 1
-            betas = config["betas"]
-            on_device = torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext()
-            with on_device:
-                self._triton_update(
-                    optimizer_name=self.optimizer_name, g=p.grad, p=p, state1=state["state1"], state2=state["state2"],
-                    beta1=betas[0], beta2=betas[1], beta3=betas[2] if len(betas) >= 3 else 0.0, alpha=config.get("alpha", 0.0),
-                    eps=config["eps"], step=state["step"], lr=config["lr"], qmap1=state["qmap1"], qmap2=state["qmap2"],
-                    absmax1=state["absmax1"], absmax2=state["absmax2"], weight_decay=config["weight_decay"], gnorm_scale=1.0,
-                    skip_zeros=config["skip_zeros"],
-                )
 
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)
