@@ -12,6 +12,9 @@ fast path in turn (one in memory at a time):
 - ``8bit-flat``: ``MasterWeightAdamW8bit``, the masters in flat buckets, one call per bucket;
 - ``8bit-flat-minN``: the same with ``min_8bit_size=N`` (``train.adam_8bit_min_size``): only tensors
   of at least N elements get 8-bit moments, the others float32 ones (``--min-sizes``);
+- ``8bit-flat-diffpo`` (``train.adam_8bit_kernel=diffpo``): the flat buckets' 8-bit update by
+  diffpo's own (``diffpo.adam8bit``: the same state and rule, a Triton kernel on a GPU and torch.compile
+  elsewhere, each moment rounded to its nearest code by two table lookups); its first step compiles it;
 - ``8bit-flat-triton`` (CUDA with Triton only; ``train.adam_8bit_kernel=triton``): the flat buckets'
   8-bit update by bitsandbytes' Triton kernel (``bitsandbytes.backends.triton``, written for Intel GPUs,
   plain Triton) instead of its CUDA one, a candidate for the 72 ms the CUDA kernel takes per SDXL
@@ -101,6 +104,8 @@ def _time_steps(optimizer, params, grads, steps: int, device: torch.device) -> d
         host.append(time.perf_counter() - start)
         synchronize(device)
         wall.append(time.perf_counter() - start)
+    if not steps:  # --warmup 0
+        return {}
     return {"host_ms": 1e3 * statistics.median(host), "wall_ms": 1e3 * statistics.median(wall), "wall_ms_all": [round(1e3 * w, 3) for w in wall]}
 
 
@@ -136,6 +141,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-sizes", default="5000000,10000000", help="comma-separated min_8bit_size values for the 8bit-flat-minN rows ('' for none)")
+    parser.add_argument("--skip-error", action="store_true", help="skip error_vs_adamw (float32 AdamW's masters beside each 8-bit one's: memory of three optimizers)")
+    parser.add_argument("--only", default="", help="comma-separated rows to time (default: all)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -153,11 +160,18 @@ def main(argv=None) -> dict:
     print(f"{args.arch}: {result['tensors']} tensors, {result['parameters'] / 1e9:.3f}B parameters; 8-bit layouts identical: {result['identical']}", flush=True)
     kinds = [(name, cls, {}) for name, cls in _optimizers().items()]
     kinds += [(f"8bit-flat-min{int(n)}", _optimizers()["8bit-flat"], {"min_8bit_size": int(n)}) for n in args.min_sizes.split(",") if n.strip()]
+    diffpo_8bit = functools.partial(_optimizers()["8bit-flat"], kernel="diffpo")
+    kinds.append(("8bit-flat-diffpo", diffpo_8bit, {}))
+    compared = {"8bit-flat": _optimizers()["8bit-flat"], "8bit-flat-diffpo": diffpo_8bit}
     triton_8bit = _triton_8bit() if device.type == "cuda" else None
     if triton_8bit is not None:
         kinds.append(("8bit-flat-triton", triton_8bit, {}))
-        result["error_vs_adamw"] = error_vs_adamw(params, grads, {"8bit-flat": _optimizers()["8bit-flat"], "8bit-flat-triton": triton_8bit})
+        compared["8bit-flat-triton"] = triton_8bit
+    if not args.skip_error:
+        result["error_vs_adamw"] = error_vs_adamw(params, grads, compared)
         print("after two steps, distance from float32 AdamW in learning rates:", result["error_vs_adamw"], flush=True)
+    if args.only:
+        kinds = [kind for kind in kinds if kind[0] in args.only.split(",")]
     for name, cls, extra in kinds:
         optimizer = cls(params, lr=1e-4, weight_decay=1e-2, **extra)
         _time_steps(optimizer, params, grads, args.warmup, device)

@@ -20,7 +20,8 @@ A case is ``RECIPE/OBJECTIVE/MODE``:
   ``+cl`` the channels_last memory format; ``+ckpt=down_blocks.1:up_blocks.1`` checkpoints only
   those blocks (``model.gradient_checkpointing: [down_blocks.1, up_blocks.1]``); ``+8bit`` keeps
   AdamW's moments in 8 bits over the float32 masters (``train.use_8bit_adam``:
-  ``diffpo.fastpath.MasterWeightAdamW8bit``, bitsandbytes; e.g. ``diffpo+compile+8bit/mapo/full``);
+  ``diffpo.fastpath.MasterWeightAdamW8bit``, bitsandbytes; e.g. ``diffpo+compile+8bit/mapo/full``;
+  ``+c8bit``: the same with diffpo's 8-bit kernel, ``train.adam_8bit_kernel=diffpo``);
   ``diffpo-fp32`` keeps float32 weights under autocast (what FSDP shards: its own mixed precision
   computes in bf16 from float32 shards).
 - OBJECTIVE: ``sft``, ``diffusion_dpo``, ``mapo``, ``dmpo``, or ``unet`` (the UNet's forward and
@@ -55,9 +56,9 @@ import torch
 from benchmarks.archs import ARCHS, Arch, build_encoders, build_unet
 
 OBJECTIVES = ("sft", "diffusion_dpo", "mapo", "dmpo", "unet")
-RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo+compile+8bit", "diffpo+fullcompile+8bit", "diffpo-fp32", "diffpo-fp32+ckpt")
+RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo+compile+8bit", "diffpo+compile+c8bit", "diffpo+fullcompile+8bit", "diffpo-fp32", "diffpo-fp32+ckpt")
 RECIPE_BASES = ("public", "diffpo", "diffpo-fp32")
-RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
+RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit", "c8bit")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
 DEFAULT_CASES = (
     "public/mapo/full", "public/diffusion_dpo/full",
     "diffpo/sft/full", "diffpo/mapo/full", "diffpo/diffusion_dpo/full", "diffpo/dmpo/full",
@@ -115,7 +116,12 @@ class Case:
 
     @property
     def adam_8bit(self) -> bool:
-        return "8bit" in self.recipe.split("+")[1:]
+        return bool({"8bit", "c8bit"} & set(self.recipe.split("+")[1:]))
+
+    @property
+    def adam_8bit_kernel(self) -> str:
+        """``train.adam_8bit_kernel``: ``diffpo`` with ``+c8bit``, else bitsandbytes'."""
+        return "diffpo" if "c8bit" in self.recipe.split("+")[1:] else "bitsandbytes"
 
     @property
     def checkpointing(self) -> bool | list[str]:
@@ -138,6 +144,8 @@ def _train_config(case: Case):
     train = {"learning_rate": 1e-5, "adam_weight_decay": 1e-2, "mixed_precision": "bf16", "channels_last": case.channels_last, "use_8bit_adam": case.adam_8bit}
     if case.bf16_weights:
         train["weight_dtype"] = "bf16"
+    if case.adam_8bit_kernel != "bitsandbytes":
+        train["adam_8bit_kernel"] = case.adam_8bit_kernel
     lora = {"enabled": case.mode == "lora", "rank": LORA_RANK, "alpha": float(LORA_RANK), "target_modules": LORA_TARGETS}
     model = {"pretrained": "benchmark", "lora": lora, "gradient_checkpointing": case.checkpointing}
     return config_from_dict({"model": model, "data": {"source": "benchmark"}, "loss": {"name": "mapo" if case.objective == "unet" else case.objective}, "train": train})

@@ -196,15 +196,18 @@ class TrainConfig:
     ``min_8bit_size``, whose default this is). Raising it quantizes only the largest tensors: less
     memory saved, and less of the 8-bit kernel's time, which on SDXL costs ~45 ms per step more
     than 32-bit AdamW (BENCHMARKS.md, issue 16)."""
-    adam_8bit_kernel: Literal["bitsandbytes", "triton"] = "bitsandbytes"
-    """With ``use_8bit_adam`` over bf16 weights: the kernel that updates the 8-bit moments.
+    adam_8bit_kernel: Literal["bitsandbytes", "triton", "diffpo"] = "bitsandbytes"
+    """With ``use_8bit_adam`` over bf16 weights: the kernel that updates the 8-bit moments. All three
+    keep bitsandbytes' state layout (a checkpoint resumes under any of them) and its update rule.
     ``bitsandbytes``: its own for the device (its CUDA kernel on NVIDIA GPUs: 72 ms of each SDXL step
-    on an H200, where the memory traffic alone would take ~9 ms); ``triton``: bitsandbytes' Triton
-    kernel (written for Intel GPUs; needs Triton, which CUDA builds of torch ship). Same state
-    layout (a checkpoint resumes under either), another rounding to the nearest 8-bit code; not
-    measured on a GPU yet (BENCHMARKS.md, issue 16). Its kernel takes the gradient scale as a
+    on an H200, where the memory traffic alone would take ~10 ms); ``diffpo``: diffpo's
+    (``diffpo.adam8bit``): a Triton kernel on CUDA GPUs (the same update in torch ops through
+    torch.compile elsewhere), each moment rounded to its nearest code through two table lookups,
+    the clipping scale inside the update; ``triton``: bitsandbytes' Triton kernel (written for
+    Intel GPUs; needs Triton, which CUDA builds of torch ship), which takes the gradient scale as a
     compile-time constant, so clipping then runs as a pass of its own; Triton compiles it anew at
-    steps 1, 2 and 16 (integer arguments equal to 1 or divisible by 16 are specialized)."""
+    steps 1, 2 and 16 (integer arguments equal to 1 or divisible by 16 are specialized). Speeds:
+    BENCHMARKS.md, issue 16."""
     max_grad_norm: float | None = 1.0
     """Clip the gradients' global norm to this; null: no clipping."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

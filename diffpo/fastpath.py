@@ -43,6 +43,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 CompileMode = Literal["none", "regional", "full"]
+ADAM_8BIT_KERNELS = ("bitsandbytes", "triton", "diffpo")  # MasterWeightAdamW8bit's kernels for its 8-bit buckets
 
 
 class MasterWeights:
@@ -316,10 +317,11 @@ def _master_weight_adamw8bit() -> type:
         parameters, not the buckets: they do not apply here."""
 
         def __init__(self, params, min_8bit_size: int = 4096, kernel: str = "bitsandbytes", **kwargs):
-            if kernel not in ("bitsandbytes", "triton"):
-                raise ValueError(f"kernel must be 'bitsandbytes' or 'triton', got {kernel!r}")
+            if kernel not in ADAM_8BIT_KERNELS:
+                raise ValueError(f"kernel must be one of {', '.join(ADAM_8BIT_KERNELS)}, got {kernel!r}")
             self._min_8bit_size, self.kernel = min_8bit_size, kernel
             self._triton_update = _bitsandbytes_triton_update() if kernel == "triton" else None
+            self._code_tables: dict = {}  # kernel="diffpo": (device, qmap data pointer) -> nearest_code_tables
             super().__init__(params, min_8bit_size=min_8bit_size, **kwargs)
 
         def _bucket_kind(self, param):
@@ -335,7 +337,7 @@ def _master_weight_adamw8bit() -> type:
                 )
 
         # bitsandbytes' Triton kernel compiles the scale in: a new kernel for every clipping coefficient
-        scales_gradients = property(lambda self: self.kernel == "bitsandbytes" and _bitsandbytes_takes_gnorm_scale())
+        scales_gradients = property(lambda self: self.kernel == "diffpo" or (self.kernel == "bitsandbytes" and _bitsandbytes_takes_gnorm_scale()))
 
         @torch.no_grad()
         def update_step(self, group, p, gindex, pindex):
@@ -350,6 +352,8 @@ def _master_weight_adamw8bit() -> type:
             to bitsandbytes' Triton kernel instead, with the same arguments."""
             state = self.state[p]
             eight_bit = state["state1"].dtype == torch.uint8
+            if eight_bit and self.kernel == "diffpo":
+                return self._diffpo_update_step(group, p, gindex, pindex)
             triton = self._triton_update is not None and eight_bit  # kernel="triton": never a scale (scales_gradients)
             if not triton and self._gradient_scale == 1.0:
                 return super().update_step(group, p, gindex, pindex)
@@ -376,6 +380,31 @@ def _master_weight_adamw8bit() -> type:
                 F.optimizer_update_32bit(**kwargs, unorm_vec=unorm, max_unorm=config["max_unorm"])
             else:
                 raise RuntimeError(f"unexpected optimizer state dtype {state['state1'].dtype}")
+
+        def _diffpo_update_step(self, group, p, gindex, pindex):
+            """``kernel="diffpo"``: diffpo's 8-bit update of an 8-bit bucket (``diffpo.adam8bit``: its
+            Triton kernel on a GPU, torch.compile elsewhere), with bitsandbytes' state and
+            hyperparameters (``get_config``) and the gradient scale inside the update."""
+            from diffpo import adam8bit
+
+            state, config = self.state[p], self.get_config(gindex, pindex, group)
+            if config.get("alpha", 0.0) or config["skip_zeros"] or config.get("max_unorm", 0.0) > 0.0:
+                raise NotImplementedError("kernel='diffpo' runs plain AdamW: no AdEMAMix alpha, skip_zeros or max_unorm")
+            state["step"] += 1
+            tables = []
+            for qmap in (state["qmap1"], state["qmap2"]):
+                key = (qmap.device, qmap.data_ptr())
+                if key not in self._code_tables:
+                    self._code_tables[key] = adam8bit.nearest_code_tables(qmap)
+                tables.append(self._code_tables[key])
+            betas = config["betas"]
+            hyper = adam8bit.hyperparameters(
+                lr=config["lr"], beta1=betas[0], beta2=betas[1], eps=config["eps"], weight_decay=config["weight_decay"],
+                step=state["step"], scale=self._gradient_scale, device=p.device,
+            )
+            adam8bit.update_function(p.device)(
+                p, p.grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"], state["qmap1"], state["qmap2"], tables[0], tables[1], hyper
+            )
 
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)

@@ -62,6 +62,12 @@ def test_selective_checkpointing_cases_name_their_blocks():
         train_step.Case.parse("public+ckpt=down_blocks.1/mapo/full")
 
 
+def test_c8bit_cases_step_with_diffpos_compiled_8bit_kernel():
+    """``+c8bit``: 8-bit moments through ``train.adam_8bit_kernel=diffpo``; ``+8bit``: bitsandbytes'."""
+    configs = {text: train_step._train_config(train_step.Case.parse(text)).train for text in ("diffpo+compile+8bit/mapo/full", "diffpo+compile+c8bit/mapo/full", "diffpo+compile/mapo/full")}
+    assert [(c.use_8bit_adam, c.adam_8bit_kernel) for c in configs.values()] == [(True, "bitsandbytes"), (True, "diffpo"), (False, "bitsandbytes")]
+
+
 def test_fullcompile_cases_compile_the_whole_network_regional_ones_its_blocks():
     from benchmarks.archs import ARCHS
 
@@ -105,13 +111,17 @@ def test_8bit_cases_build_the_8bit_master_optimizer_through_diffpos_setup():
     assert torch.uint8 in moments  # the large tensors' moments are quantized
 
 
-def test_optimizer_step_benchmark_times_three_optimizers_and_checks_the_8bit_layouts_agree(tmp_path):
+def test_optimizer_step_benchmark_times_the_optimizers_and_checks_the_8bit_layouts_agree(tmp_path):
     from benchmarks.optimizer_step import main
 
     result = main(["--arch", "tiny-sdxl", "--device", "cpu", "--steps", "1", "--warmup", "1", "--min-sizes", "20000", "--out", str(tmp_path / "o.json")])
     assert result["identical"] is True  # the flat buckets step bit for bit as bitsandbytes per tensor
-    assert [row["optimizer"] for row in result["rows"]] == ["adamw", "8bit-per-tensor", "8bit-flat", "8bit-flat-min20000"]
-    assert 0 < result["rows"][-1]["8bit_fraction"] < 1
+    assert [row["optimizer"] for row in result["rows"]] == ["adamw", "8bit-per-tensor", "8bit-flat", "8bit-flat-min20000", "8bit-flat-diffpo"]
+    errors = result["error_vs_adamw"]  # diffpo's kernel rounds to the nearest code: no farther from float32 AdamW
+    assert errors["8bit-flat-diffpo"]["max_lr"] <= errors["8bit-flat"]["max_lr"] and errors["8bit-flat-diffpo"]["mean_lr"] <= errors["8bit-flat"]["mean_lr"]
+    only = main(["--arch", "tiny-sdxl", "--device", "cpu", "--steps", "1", "--warmup", "0", "--only", "adamw", "--skip-error"])
+    assert [row["optimizer"] for row in only["rows"]] == ["adamw"] and "error_vs_adamw" not in only
+    assert 0 < result["rows"][3]["8bit_fraction"] < 1
     assert all(row["wall_ms"] >= row["host_ms"] > 0 for row in result["rows"])
     assert result["tensors"] > 100 and "benchmarks.optimizer_step" in result["environment"]["command"]
 

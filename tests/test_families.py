@@ -154,6 +154,7 @@ def test_shipped_configs_name_a_registered_family(name):
         per_step = lambda c: c.train.batch_size * c.train.gradient_accumulation_steps  # noqa: E731
         assert per_step(cfg) == per_step(recipe) and cfg.loss == recipe.loss
         assert cfg.train.use_8bit_adam and recipe.train.use_8bit_adam and cfg.model.gradient_checkpointing is False
+        assert cfg.train.adam_8bit_kernel == "diffpo"  # the measured-fastest 8-bit update (BENCHMARKS.md, issue 16)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])

@@ -20,7 +20,7 @@ XL=${XL:-sdxl} PAIRS=${PAIRS:-64} DEV=${DEV:-cuda} STEPS=${STEPS:-20} HSTEPS=${H
 # selective checkpointing: the 128/64-px blocks without up_blocks.1; all 128/64-px blocks; the 32-px down block
 LEVERS=${LEVERS:-"down_blocks.0:down_blocks.1:up_blocks.2 down_blocks.0:down_blocks.1:up_blocks.1:up_blocks.2 down_blocks.2"}
 WORK=${WORK:-/tmp/e2e16}
-STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py), tritontest
+STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py), tritontest, kern (benchmarks/adam8bit_kernel.py)
 RESERVE=${RESERVE:-25}  # seconds the harness leaves to the stages after it
 # STAGES run in the order given
 START=$(date +%s)
@@ -77,13 +77,20 @@ PY
 }
 run_optim() {  # the optimizer step alone, side by side: fused AdamW, 8-bit per tensor, 8-bit flat buckets
   stage optimizer_step
-  timeout $(cap ${OPTIM_CAP:-90}) python3 -m benchmarks.optimizer_step --arch $XL --device $DEV --out "$OUT/optimizer_step.json" > "$OUT/logs/optimizer_step.log" 2>&1
+  timeout $(cap ${OPTIM_CAP:-90}) python3 -m benchmarks.optimizer_step --arch $XL --device $DEV ${OPTIM_ARGS:-} --out "$OUT/optimizer_step.json" > "$OUT/logs/optimizer_step.log" 2>&1
   stage "optimizer_step rc=$?"
 }
 run_tritontest() {  # train.adam_8bit_kernel=triton's tests, which skip without Triton (CI): on the GPU before its numbers count
   stage triton test
   timeout $(cap 120) python3 -m pytest -q -x -p no:cacheprovider tests/test_fastpath.py -k triton > "$OUT/logs/triton_test.log" 2>&1
   stage "triton test rc=$?"
+}
+run_kern() {  # diffpo's 8-bit kernels' GPU tests (they skip in CI), then one bucket's update kernel by kernel
+  stage "adam8bit kernels"
+  timeout $(cap 60) python3 -m pytest -q -x -p no:cacheprovider tests/test_adam8bit.py > "$OUT/logs/adam8bit_test.log" 2>&1
+  stage "adam8bit test rc=$?"
+  timeout $(cap ${KERN_CAP:-120}) python3 -m benchmarks.adam8bit_kernel ${KERN_ARGS:-} --out "$OUT/adam8bit_kernel.json" > "$OUT/logs/adam8bit_kernel.log" 2>&1
+  stage "adam8bit kernels rc=$?"
 }
 run_fp16() {  # the one trainer guard that runs on a GPU only
   if [ "$(left)" -gt 40 ]; then
@@ -113,6 +120,12 @@ if path.is_file():
     print("optimizer step:", r["tensors"], "tensors; 8-bit layouts identical:", r["identical"], "; from float32 AdamW after two steps:", r.get("error_vs_adamw"))
     for row in r["rows"]:
         print(" ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items() if k != "wall_ms_all"})
+path = out / "adam8bit_kernel.json"
+if path.is_file():
+    r = json.loads(path.read_text())
+    print("one bucket of", r["values"], "values:")
+    for row in r["rows"]:
+        print(" ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
 path = out / "harness.json"
 if path.is_file():
     from benchmarks.train_step import format_table

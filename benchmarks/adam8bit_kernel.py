@@ -1,0 +1,154 @@
+"""One 8-bit AdamW update of one flat bucket, kernel by kernel, side by side (issue 16).
+
+    python -m benchmarks.adam8bit_kernel --out benchmarks/results/adam8bit_kernel.json     # a CUDA GPU
+    TRITON_INTERPRET=1 python -m benchmarks.adam8bit_kernel --device cpu --values 65536 --reps 1   # smoke run
+
+A bucket of ``--values`` float32 masters (2**28: one of ``MasterWeightAdamW8bit``'s 1 GiB buckets;
+SDXL's UNet fills ten) with a float32 gradient and bitsandbytes' 8-bit state, updated by:
+
+- ``bitsandbytes``: its CUDA kernel (``optimizer_update_8bit_blockwise``; on a CPU its CPU one);
+- ``bitsandbytes-triton``: its Triton kernel (``train.adam_8bit_kernel=triton``);
+- ``diffpo-triton-RxW``: diffpo's Triton kernel (``diffpo.adam8bit.triton_update_``) with R blocks
+  of 256 values per program and W warps (``train.adam_8bit_kernel=diffpo`` uses the default);
+- ``diffpo-compiled``: ``diffpo.adam8bit.adamw8bit_update_`` through torch.compile (what the
+  option runs where there is no Triton).
+
+Per kernel: the median time of ``--reps`` updates (CUDA events after warm-up) and the bandwidth it
+reaches counting 16 bytes per value (float32 master read and written, float32 gradient read, two
+8-bit moments read and written). Before timing, each diffpo kernel's result after one update is
+checked against the eager ``adamw8bit_update_`` on the same device (``check``): the largest master
+difference and how many moment codes differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+BYTES_PER_VALUE = 16
+
+
+def _state(values: int, device: torch.device, seed: int = 0) -> dict:
+    generator = torch.Generator(device).manual_seed(seed)
+    blocks = values // 256
+    return {
+        "p": torch.randn(values, generator=generator, device=device),
+        "g": 1e-3 * torch.randn(values, generator=generator, device=device),
+        "s1": torch.randint(0, 256, (values,), generator=generator, device=device, dtype=torch.uint8),
+        "s2": torch.randint(0, 256, (values,), generator=generator, device=device, dtype=torch.uint8),
+        "a1": 1e-3 * torch.rand(blocks, generator=generator, device=device),
+        "a2": 1e-6 * torch.rand(blocks, generator=generator, device=device),
+    }
+
+
+def _kernels(device: torch.device) -> dict:
+    """name -> update(state, step)"""
+    from bitsandbytes import functional as F
+
+    from diffpo import adam8bit
+
+    q1 = F.create_dynamic_map(signed=True).float().to(device)
+    q2 = F.create_dynamic_map(signed=False).float().to(device)
+    t1, t2 = adam8bit.nearest_code_tables(q1), adam8bit.nearest_code_tables(q2)
+    hyper = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+
+    def bnb(s, step):
+        F.optimizer_update_8bit_blockwise("adam", s["g"], s["p"], s["s1"], s["s2"], 0.9, 0.999, 0.0, 0.0, 1e-8, step, 1e-4, q1, q2, s["a1"], s["a2"], 1e-2, gnorm_scale=1.0)
+
+    def diffpo(update, **kw):
+        def run(s, step):
+            h = adam8bit.hyperparameters(**hyper, step=step, scale=1.0, device=device)
+            update(s["p"], s["g"], s["s1"], s["s2"], s["a1"], s["a2"], q1, q2, t1, t2, h, **kw)
+        return run
+
+    kernels = {"bitsandbytes": bnb}
+    try:
+        from bitsandbytes.backends.triton.kernels_optim import optimizer_update_8bit_blockwise_impl as bnb_triton
+
+        if device.type == "cuda":
+            kernels["bitsandbytes-triton"] = lambda s, step: bnb_triton(
+                optimizer_name="adam", g=s["g"], p=s["p"], state1=s["s1"], state2=s["s2"], beta1=0.9, beta2=0.999, beta3=0.0, alpha=0.0,
+                eps=1e-8, step=step, lr=1e-4, qmap1=q1, qmap2=q2, absmax1=s["a1"], absmax2=s["a2"], weight_decay=1e-2, gnorm_scale=1.0, skip_zeros=False,
+            )
+    except ImportError:
+        pass
+    try:
+        import triton  # noqa: F401
+
+        for rows, warps in ((4, 4), (2, 4), (8, 4), (8, 8), (16, 8)):
+            kernels[f"diffpo-triton-{rows}x{warps}"] = diffpo(adam8bit.triton_update_, rows=rows, num_warps=warps)
+    except ImportError:
+        pass
+    kernels["diffpo-compiled"] = diffpo(adam8bit.compiled_update())
+    kernels["_eager"] = diffpo(adam8bit.adamw8bit_update_)
+    return kernels
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--values", type=int, default=2**28)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    from benchmarks.train_step import environment
+
+    kernels = _kernels(device)
+    eager = kernels.pop("_eager")
+    start = _state(args.values, device)
+    reference = {k: v.clone() for k, v in start.items()}
+    eager(reference, 3)
+    result = {"values": args.values, "environment": environment(device, "benchmarks.adam8bit_kernel"), "rows": []}
+    for name, update in kernels.items():
+        row = {"kernel": name}
+        state = {k: v.clone() for k, v in start.items()}
+        begin = time.perf_counter()
+        update(state, 3)  # the first call compiles
+        _sync(device)
+        row["first_call_s"] = time.perf_counter() - begin
+        if name.startswith("diffpo"):
+            row["check"] = {
+                "max_master_diff": float((state["p"] - reference["p"]).abs().max()),
+                "codes_differ": int((state["s1"] != reference["s1"]).sum() + (state["s2"] != reference["s2"]).sum()),
+                "max_absmax_rel_diff": float(((state["a1"] - reference["a1"]).abs() / reference["a1"].clamp_min(1e-30)).max()),
+            }
+        for _ in range(args.warmup):
+            update(state, 4)
+        times = []
+        for _ in range(args.reps):
+            if device.type == "cuda":
+                events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                events[0].record()
+                update(state, 4)
+                events[1].record()
+                torch.cuda.synchronize()
+                times.append(events[0].elapsed_time(events[1]))
+            else:
+                begin = time.perf_counter()
+                update(state, 4)
+                times.append(1e3 * (time.perf_counter() - begin))
+        row["ms"] = statistics.median(times)
+        row["gb_per_s"] = BYTES_PER_VALUE * args.values / row["ms"] / 1e6
+        result["rows"].append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        del state
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The Triton kernel of ``diffpo.adam8bit.triton_update_`` (a module of its own: Triton reads a kernel's
+helpers from its module's globals, and importing ``diffpo.adam8bit`` must not need Triton)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _nearest(y, base_ptr, mids_ptr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr):
+    # nearest_code, in Triton: the bucket of |y| from its float32 bits, then one comparison
+    bits = tl.maximum(tl.abs(y), 1.1920928955078125e-07).to(tl.int32, bitcast=True)  # 2**-23
+    row = tl.minimum(tl.maximum((bits >> SHIFT) - FIRST, 0), BUCKETS - 1) + tl.where(y < 0, BUCKETS, 0)
+    start = tl.load(base_ptr + row)
+    return start + (y > tl.load(mids_ptr + start)).to(tl.int32)
+
+
+@triton.jit
+def adamw8bit_kernel(
+    p_ptr, g_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+    base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, n_blocks,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr,
+):
+    # one program: ROWS quantization blocks of BLOCK values, as a ROWS x BLOCK tile
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_blocks
+    offsets = rows.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    ok = row_ok[:, None]
+    lr = tl.load(hyper_ptr + 0)
+    beta1 = tl.load(hyper_ptr + 1)
+    beta2 = tl.load(hyper_ptr + 2)
+    rest1 = tl.load(hyper_ptr + 3)
+    rest2 = tl.load(hyper_ptr + 4)
+    eps = tl.load(hyper_ptr + 5)
+    weight_decay = tl.load(hyper_ptr + 6)
+    correction1 = tl.load(hyper_ptr + 7)
+    correction2 = tl.load(hyper_ptr + 8)
+    scale = tl.load(hyper_ptr + 9)
+    grad = tl.load(g_ptr + offsets, mask=ok, other=0.0).to(tl.float32) * scale
+    m = tl.load(qmap1_ptr + tl.load(s1_ptr + offsets, mask=ok, other=0).to(tl.int32)) * tl.load(absmax1_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    v = tl.load(qmap2_ptr + tl.load(s2_ptr + offsets, mask=ok, other=0).to(tl.int32)) * tl.load(absmax2_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    m = m * beta1 + grad * rest1
+    v = v * beta2 + grad * grad * rest2
+    master = tl.load(p_ptr + offsets, mask=ok, other=0.0)
+    master = master * (1 - lr * weight_decay) - (lr / correction1) * m / (tl.sqrt(v) / correction2 + eps)
+    tl.store(p_ptr + offsets, master, mask=ok)
+    max1 = tl.max(tl.abs(m), axis=1)
+    max2 = tl.max(tl.abs(v), axis=1)
+    # an all-zero block stays at code 0 -> 0.0 (its maximum 0 is divided as 1)
+    y1 = m / tl.where(max1 > 0, max1, 1.0)[:, None]
+    y2 = v / tl.where(max2 > 0, max2, 1.0)[:, None]
+    tl.store(s1_ptr + offsets, _nearest(y1, base1_ptr, mids1_ptr, FIRST, BUCKETS, SHIFT).to(tl.uint8), mask=ok)
+    tl.store(s2_ptr + offsets, _nearest(y2, base2_ptr, mids2_ptr, FIRST, BUCKETS, SHIFT).to(tl.uint8), mask=ok)
+    tl.store(absmax1_ptr + rows, max1, mask=row_ok)
+    tl.store(absmax2_ptr + rows, max2, mask=row_ok)

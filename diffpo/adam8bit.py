@@ -1,0 +1,180 @@
+"""diffpo's own 8-bit AdamW update of flat buckets: bitsandbytes' state layout, in torch ops for torch.compile.
+
+Why: bitsandbytes' CUDA kernel for blockwise 8-bit Adam took 72 ms of each 487 ms SDXL step on an H200
+(issue 16's profile), where the bytes it moves (float32 master and gradient, two 8-bit moments, read
+and written: ~16 bytes per parameter, 41 GB) take ~10 ms at the card's bandwidth: its time goes to
+finding each moment's nearest code (a search in a 256-entry table). Here the nearest code takes two
+table lookups (``nearest_code_tables``), and torch.compile fuses the whole update of a bucket
+(dequantize, Adam, new block maxima, requantize, step the master) into generated kernels, Triton on
+a GPU and C++ on a CPU, so the same code runs, and is tested, on both.
+
+The state is bitsandbytes' to the byte: each moment an index into bitsandbytes' dynamic code
+(``state["qmap1"]``, ``state["qmap2"]``) scaled by the float32 maximum of its block of 256
+(``absmax1``, ``absmax2``), the new maximum taken after the update, as bitsandbytes' kernel does. A
+checkpoint written under one kernel resumes under the other. The update is bitsandbytes' (its CPU
+reference, ``backends/cpu/ops.py``): m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
+p = p (1 - lr wd) - lr/c1 * m / (sqrt(v)/c2 + eps), c1 = 1-b1^t, c2 = sqrt(1-b2^t), with g the gradient
+times the clipping scale. One difference: each moment is rounded to its *nearest* code (bitsandbytes'
+CUDA kernel searches its table in a way that can land one code off); tested against bitsandbytes'
+CPU update, which rounds to the nearest too.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK = 256  # bitsandbytes' block of values sharing one float32 maximum
+
+# A normalized moment y in [-1, 1] finds its code through a table indexed by the top bits of |y|'s
+# float32 representation: its exponent and ``_MANTISSA_BITS`` leading mantissa bits (``_bucket``).
+# Every magnitude below 2**-23 shares the first bucket (bitsandbytes' dynamic code has no entry
+# that small but 0: its smallest are ~3e-7).
+_MANTISSA_BITS = 7
+_SHIFT = 23 - _MANTISSA_BITS
+_SMALLEST = 2.0**-23
+_FIRST = torch.tensor(_SMALLEST, dtype=torch.float32).view(torch.int32).item() >> _SHIFT
+_BUCKETS = (torch.tensor(1.0, dtype=torch.float32).view(torch.int32).item() >> _SHIFT) - _FIRST + 1
+
+
+def _bucket(magnitude: torch.Tensor) -> torch.Tensor:
+    """The table row of each float32 ``magnitude`` in [0, 1] (larger, infinite or NaN: the last)."""
+    bits = magnitude.clamp_min(_SMALLEST).view(torch.int32)
+    return ((bits >> _SHIFT) - _FIRST).clamp(0, _BUCKETS - 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _tables_on_cpu(code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.tensor(code, dtype=torch.float64)
+    if values.numel() != 256 or not bool((values[1:] > values[:-1]).all()) or values.abs().max() > 1:
+        raise ValueError("the code must hold 256 increasing values in [-1, 1] (bitsandbytes' dynamic code)")
+    # nearest code of y = the number of midpoints below y (a tie goes to the lower code, as in
+    # bitsandbytes' CPU quantizer); float32 midpoints, as the comparison runs in float32
+    mids = ((values[1:] + values[:-1]) / 2).to(torch.float32)
+    edges = torch.arange(_FIRST, _FIRST + _BUCKETS + 1, dtype=torch.int32) << _SHIFT
+    edges = edges.view(torch.float32).to(torch.float64)
+    edges[0] = 0.0  # the first bucket holds every magnitude below its upper edge
+    low, high = edges[:-1], edges[1:]  # bucket b holds magnitudes in [low, high)
+    mids64 = mids.to(torch.float64)
+    # positive y in [low, high): codes below low are all below y; negative y in (-high, -low]: so are those <= -high
+    base_pos = torch.searchsorted(mids64, low, right=False)
+    base_neg = torch.searchsorted(mids64, -high, right=True)
+    # one comparison with the next midpoint settles y only if at most one midpoint lies in the bucket
+    inside_pos = torch.searchsorted(mids64, high, right=False) - base_pos
+    inside_neg = torch.searchsorted(mids64, -low, right=True) - base_neg
+    if int(inside_pos.max()) > 1 or int(inside_neg.max()) > 1:
+        raise ValueError(f"the code is too fine for {_MANTISSA_BITS} mantissa bits of lookup: two codes' midpoints share a bucket")
+    base = torch.cat([base_pos, base_neg]).to(torch.int32)
+    mids = torch.cat([mids, torch.tensor([float("inf")])])  # base 255 (above the last midpoint): never exceeded
+    return base, mids
+
+
+def nearest_code_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two lookup tables ``nearest_code`` uses for the sorted 256-entry ``code`` (on its device).
+
+    ``base[bucket]`` (int32, 2 x ``_BUCKETS``: positive then negative values) is the nearest code
+    index of the bucket's smallest value; ``mids`` (float32, 256) the midpoints between neighbouring
+    codes, +inf last. Each bucket holds at most one midpoint (checked), so y's nearest code is
+    ``base + (y > mids[base])``: two gathers from small tables where a binary search takes eight."""
+    base, mids = _tables_on_cpu(tuple(code.detach().to("cpu", torch.float64).tolist()))
+    return base.to(code.device), mids.to(code.device)
+
+
+def nearest_code(y: torch.Tensor, base: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
+    """The index (int64) of the code nearest to each float32 ``y`` in [-1, 1] (``nearest_code_tables``)."""
+    row = _bucket(y.abs()) + torch.where(y < 0, _BUCKETS, 0)
+    start = base[row].long()
+    return start + (y > mids[start]).long()
+
+
+def adamw8bit_update_(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+    qmap1: torch.Tensor,
+    qmap2: torch.Tensor,
+    tables1: tuple[torch.Tensor, torch.Tensor],
+    tables2: tuple[torch.Tensor, torch.Tensor],
+    hyper: torch.Tensor,
+) -> None:
+    """One blockwise 8-bit AdamW step of the flat float32 ``p`` (a multiple of 256 values) in place.
+
+    ``g``: its gradient (any float dtype); ``state1``/``state2``: the uint8 codes of the moments,
+    ``absmax1``/``absmax2`` their blocks' maxima, ``qmap1``/``qmap2`` the codes' values, ``tables1``/
+    ``tables2`` their ``nearest_code_tables``. ``hyper`` (float32, on p's device): lr, beta1, beta2,
+    1-beta1, 1-beta2, eps, weight decay, 1-beta1^t, sqrt(1-beta2^t), gradient scale
+    (``hyperparameters``): a tensor, so that a new step or scale reuses the compiled kernels (a
+    Python float would be compiled in)."""
+    lr, beta1, beta2, rest1, rest2, eps, weight_decay, correction1, correction2, scale = hyper.unbind()
+    blocks = p.numel() // BLOCK
+    grad = g.view(blocks, BLOCK).to(torch.float32) * scale
+    m = qmap1[state1.view(blocks, BLOCK).long()] * absmax1.view(blocks, 1)
+    v = qmap2[state2.view(blocks, BLOCK).long()] * absmax2.view(blocks, 1)
+    m = m * beta1 + grad * rest1
+    v = v * beta2 + grad * grad * rest2
+    master = p.view(blocks, BLOCK)
+    stepped = master * (1 - lr * weight_decay) - (lr / correction1) * m / (v.sqrt() / correction2 + eps)
+    new_max1 = m.abs().amax(dim=1, keepdim=True)
+    new_max2 = v.abs().amax(dim=1, keepdim=True)
+    # an all-zero block stays at code 0 -> 0.0 (its maximum 0 is divided as 1; bitsandbytes divides by 0)
+    codes1 = nearest_code(m / torch.where(new_max1 > 0, new_max1, 1.0), *tables1)
+    codes2 = nearest_code(v / torch.where(new_max2 > 0, new_max2, 1.0), *tables2)
+    master.copy_(stepped)
+    state1.view(blocks, BLOCK).copy_(codes1)
+    state2.view(blocks, BLOCK).copy_(codes2)
+    absmax1.view(blocks, 1).copy_(new_max1)
+    absmax2.view(blocks, 1).copy_(new_max2)
+
+
+def hyperparameters(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, scale: float, device) -> torch.Tensor:
+    """``adamw8bit_update_``'s ``hyper`` for optimizer step ``step`` (from 1), computed in float64
+    (1 - 0.999 in float32 arithmetic would be 1.3e-5 off) and rounded once, as bitsandbytes does."""
+    values = [lr, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay, 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5, scale]
+    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+
+
+@functools.cache
+def compiled_update():
+    """``adamw8bit_update_`` compiled (one graph; dynamic sizes, so buckets of any size share it)."""
+    return torch.compile(adamw8bit_update_, fullgraph=True, dynamic=True)
+
+
+def triton_update_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1, tables2, hyper, *, rows: int = 4, num_warps: int = 4) -> None:
+    """``adamw8bit_update_`` as one hand-written Triton kernel (CUDA; or Triton's CPU interpreter).
+
+    Why not torch.compile of ``adamw8bit_update_`` on the GPU: its generated code took 67 ms of an
+    SDXL step on an H200 (the whole optimizer step 78.6 ms against bitsandbytes' 84.1), where this
+    kernel reads and writes each value once. The hyperparameters are read from ``hyper`` on the
+    device, so no value is compiled in: one kernel for every step, scale and bucket size. Each
+    program updates ``rows`` blocks of 256 values with ``num_warps`` warps."""
+    for name, tensor in (("p", p), ("g", g), ("state1", state1), ("state2", state2)):
+        if not tensor.is_contiguous() or tensor.numel() != p.numel():
+            raise ValueError(f"{name} must be contiguous with p's {p.numel()} values")
+    if p.numel() % BLOCK or p.dtype != torch.float32:
+        raise ValueError(f"p must be float32 with a multiple of {BLOCK} values")
+    import triton
+
+    blocks = p.numel() // BLOCK
+    from diffpo._adam8bit_triton import adamw8bit_kernel  # needs Triton: imported on first use
+
+    adamw8bit_kernel[(triton.cdiv(blocks, rows),)](
+        p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1[0], tables1[1], tables2[0], tables2[1], hyper, blocks,
+        BLOCK=BLOCK, ROWS=rows, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, num_warps=num_warps,
+    )
+
+
+def update_function(device: torch.device):
+    """The 8-bit update for tensors on ``device``: the Triton kernel on a CUDA GPU (where Triton
+    imports), else ``adamw8bit_update_`` compiled (C++ on a CPU)."""
+    if torch.device(device).type == "cuda":
+        try:
+            import triton  # noqa: F401  (CUDA builds of torch ship it)
+
+            return triton_update_
+        except ImportError:
+            pass
+    return compiled_update()

@@ -1,0 +1,281 @@
+"""diffpo's own 8-bit AdamW update (``diffpo.adam8bit``, ``train.adam_8bit_kernel=diffpo``): the
+nearest-code lookup against a brute-force search, the update against hand-computed values and
+bitsandbytes' CPU update, the compiled and the Triton kernels against the eager update, and the
+optimizer option (state layout shared with bitsandbytes both ways, clipping inside, the trainer)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+from diffpo import adam8bit  # noqa: E402
+from diffpo.adam8bit import adamw8bit_update_, hyperparameters, nearest_code, nearest_code_tables  # noqa: E402
+
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+
+
+def _codes():
+    return bnb_functional.create_dynamic_map(signed=True).float(), bnb_functional.create_dynamic_map(signed=False).float()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_code_is_the_nearest_entry_except_at_exact_midpoints(signed):
+    """Against a brute-force search over all 256 codes, on random values of every magnitude, every
+    code, every midpoint and its float32 neighbours: the same index everywhere, except where y is
+    exactly a (float32) midpoint of two codes, where either is nearest up to rounding."""
+    code = bnb_functional.create_dynamic_map(signed=signed).float()
+    base, mids = nearest_code_tables(code)
+    torch.manual_seed(0)
+    n = 300_000
+    low = -1.0 if signed else 0.0
+    mid = mids[:-1]
+    y = torch.cat([
+        torch.rand(n) * (1 - low) + low,
+        (torch.rand(n) * 2 - 1) * torch.logspace(-9, 0, n),
+        code, mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0)),
+        torch.tensor([0.0, 1.0, -0.0, 2.0**-23, 2.0**-24, 1e-30]),
+    ])
+    y = (y if signed else y.abs()).clamp(low, 1.0)
+    got = nearest_code(y, base, mids)
+    want = torch.cat([(chunk[:, None] - code[None]).abs().argmin(1) for chunk in y.split(50_000)])
+    differ = got != want
+    assert differ.sum() < 300  # a handful of exact ties
+    at_midpoint = torch.isin(y[differ], mid)
+    assert at_midpoint.all(), y[differ][~at_midpoint]
+    gap = (y[differ] - code[got[differ]]).abs() - (y[differ] - code[want[differ]]).abs()
+    assert gap.abs().max() <= 1e-7 * y[differ].abs().max()
+    assert int(nearest_code(torch.tensor([float("nan"), 5.0, -5.0]), base, mids).max()) <= 255  # never out of the table
+
+
+def test_nearest_code_tables_refuse_a_code_they_cannot_serve():
+    with pytest.raises(ValueError, match="256 increasing values"):
+        nearest_code_tables(torch.linspace(-1, 1, 128))
+    fine = torch.cat([torch.linspace(-1, 0.9, 254), torch.tensor([0.9001, 0.9002])])  # two midpoints in one bucket
+    with pytest.raises(ValueError, match="too fine"):
+        nearest_code_tables(fine)
+
+
+def _state(n: int, zero1: int):
+    return dict(
+        p=torch.zeros(n), s1=torch.full((n,), zero1, dtype=torch.uint8), s2=torch.zeros(n, dtype=torch.uint8),
+        a1=torch.zeros(n // 256), a2=torch.zeros(n // 256),
+    )
+
+
+def _update(update, state, g, step, scale=1.0, **hyper):
+    q1, q2 = _codes()
+    h = hyperparameters(**{**HYPER, **hyper}, step=step, scale=scale, device="cpu")
+    update(state["p"], g, state["s1"], state["s2"], state["a1"], state["a2"], q1, q2, nearest_code_tables(q1), nearest_code_tables(q2), h)
+
+
+def test_update_matches_hand_computed_adamw_steps():
+    """One block, one nonzero gradient: AdamW's two steps by hand (float64), the moments exactly
+    representable (each the block's maximum: code 1.0), and the untouched weights only decayed."""
+    q1, q2 = _codes()
+    zero1, one1, one2 = int((q1 == 0).nonzero()), int((q1 == 1).nonzero()), int((q2 == 1).nonzero())
+    state = _state(256, zero1)
+    state["p"].fill_(1.0)
+    g = torch.zeros(256)
+    g[3] = 2.0
+    lr, wd, b1, b2, eps = 0.1, 0.01, 0.9, 0.999, 1e-8
+    _update(adamw8bit_update_, state, g, step=1, scale=0.5, lr=lr, weight_decay=wd)
+    # by hand in float64, with the kernel's float32 betas where it multiplies the old moments
+    f1, f2 = (torch.tensor(b, dtype=torch.float32).item() for b in (b1, b2))
+    m, v = (1 - b1) * 1.0, (1 - b2) * 1.0  # the scaled gradient is 1
+    p1 = 1.0 * (1 - lr * wd) - lr * (m / (1 - b1)) / (math.sqrt(v) / math.sqrt(1 - b2) + eps)
+    assert state["p"][3].item() == pytest.approx(p1, rel=1e-6) and p1 == pytest.approx(0.899, rel=1e-6)
+    assert torch.all(torch.cat([state["p"][:3], state["p"][4:]]) == torch.tensor(1 - lr * wd, dtype=torch.float32))
+    assert state["s1"][3] == one1 and state["s2"][3] == one2 and (state["s1"] != one1).sum() == 255
+    assert state["a1"].item() == pytest.approx(m, rel=1e-6) and state["a2"].item() == pytest.approx(v, rel=1e-6)
+    _update(adamw8bit_update_, state, torch.zeros(256), step=2, lr=lr, weight_decay=wd)  # no gradient: momentum alone
+    m, v = f1 * m, f2 * v
+    p2 = p1 * (1 - lr * wd) - lr * (m / (1 - b1**2)) / (math.sqrt(v) / math.sqrt(1 - b2**2) + eps)
+    assert state["p"][3].item() == pytest.approx(p2, rel=1e-6)
+
+
+def test_update_tracks_bitsandbytes_and_rounds_moments_to_their_nearest_code():
+    """From the same state and gradients (every magnitude from 1e-4 to 10, scaled 0.5), one step
+    against bitsandbytes' CPU update: the same weights (the update uses the moments before they
+    are rounded: differences of float rounding only) and block maxima; our moments' codes are the
+    nearest to the exact moments, bitsandbytes' CPU quantizer's are up to four codes off for small
+    values, so ours are at least as close, everywhere."""
+    q1, q2 = _codes()
+    torch.manual_seed(0)
+    n = 256 * 64
+    ours = _state(n, int((q1 == 0).nonzero()))
+    ours["p"] = torch.randn(n)
+    for step in range(1, 4):
+        g = torch.randn(n) * torch.logspace(-4, 1, n)[torch.randperm(n)]
+        theirs = {k: v.clone() for k, v in ours.items()}
+        exact_m = bnb_functional.dequantize_blockwise(ours["s1"], absmax=ours["a1"], code=q1, blocksize=256) * 0.9 + 0.1 * 0.5 * g
+        bnb_functional.optimizer_update_8bit_blockwise(
+            "adam", g, theirs["p"], theirs["s1"], theirs["s2"], 0.9, 0.999, 0.0, 0.0, 1e-8, step, 1e-3, q1, q2, theirs["a1"], theirs["a2"], 1e-2, gnorm_scale=0.5
+        )
+        _update(adamw8bit_update_, ours, g, step=step, scale=0.5)
+        assert (ours["p"] - theirs["p"]).abs().max() < 1e-3 * 1e-3  # 0.001 lr
+        assert torch.allclose(ours["a1"], theirs["a1"], rtol=1e-5) and torch.allclose(ours["a2"], theirs["a2"], rtol=1e-5)
+        blocks = exact_m.view(-1, 256)
+        assert torch.allclose(ours["a1"], blocks.abs().amax(1), rtol=1e-6)
+        our_error = (q1[ours["s1"].long()].view(-1, 256) * ours["a1"][:, None] - blocks).abs()
+        their_error = (q1[theirs["s1"].long()].view(-1, 256) * theirs["a1"][:, None] - blocks).abs()
+        assert (our_error <= their_error + 1e-6 * ours["a1"][:, None]).all()
+        assert our_error.mean() < their_error.mean()
+
+
+def test_compiled_update_is_the_eager_update_and_compiles_once():
+    """torch.compile's kernel (C++ here, Triton on a GPU) gives the eager update's results (to float
+    rounding), and a bucket of another size, a later step and another scale reuse the same compiled code."""
+    from torch._dynamo.utils import counters
+
+    q1, _ = _codes()
+    torch.manual_seed(1)
+    compiled = adam8bit.compiled_update()
+    frames = counters["stats"]["unique_graphs"]
+    for n, step, scale in [(256 * 40, 1, 1.0), (256 * 40, 2, 0.3), (256 * 7, 3, 0.7)]:
+        start = _state(n, int((q1 == 0).nonzero()))
+        start["p"] = torch.randn(n)
+        start["s1"] = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        start["s2"] = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        start["a1"], start["a2"] = torch.rand(n // 256), torch.rand(n // 256)
+        start["a1"][0] = 0.0  # a block whose moments were all zero
+        eager, fused = ({k: v.clone() for k, v in start.items()} for _ in range(2))
+        g = torch.randn(n).to(torch.bfloat16)
+        _update(adamw8bit_update_, eager, g, step=step, scale=scale)
+        _update(compiled, fused, g, step=step, scale=scale)
+        # the generated code may contract or reorder float operations: the same to float rounding
+        moved = (eager["p"] - start["p"]).abs()
+        assert ((eager["p"] - fused["p"]).abs() <= 1e-6 * eager["p"].abs() + 1e-5 * moved).all(), (n, step)
+        for key in ("a1", "a2"):
+            assert torch.allclose(eager[key], fused[key], rtol=1e-6, atol=0), (n, step, key)
+        for key in ("s1", "s2"):  # and so round a moment sitting on a midpoint to its other neighbour
+            codes = (eager[key].long() - fused[key].long()).abs()
+            assert codes.max() <= 1 and (codes > 0).sum() <= n // 1000, (n, step, key)
+    assert counters["stats"]["unique_graphs"] - frames <= 1  # at most one compile (none if an earlier test compiled it)
+
+
+def test_triton_kernel_is_the_eager_update():
+    """Where Triton runs (a CUDA GPU, or its CPU interpreter: TRITON_INTERPRET=1 with Triton
+    installed; CI has neither): the hand-written kernel gives the eager update's results, with a
+    float32 and a bf16 gradient, a partial last program, an all-zero block, every tile shape the
+    benchmark tries; and ``update_function`` picks it on a GPU, torch.compile on a CPU."""
+    import os
+
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert adam8bit.update_function("cpu") is adam8bit.compiled_update()
+    if device == "cuda":
+        assert adam8bit.update_function("cuda") is adam8bit.triton_update_
+    q1, q2 = (q.to(device) for q in _codes())
+    tables1, tables2 = nearest_code_tables(q1), nearest_code_tables(q2)
+    generator = torch.Generator(device).manual_seed(0)
+    for n, dtype, rows, warps in [(256 * 9, torch.float32, 4, 4), (256 * 5, torch.bfloat16, 2, 4), (256 * 33, torch.float32, 16, 8)]:
+        start = {
+            "p": torch.randn(n, generator=generator, device=device), "s1": torch.randint(0, 256, (n,), generator=generator, device=device, dtype=torch.uint8),
+            "s2": torch.randint(0, 256, (n,), generator=generator, device=device, dtype=torch.uint8),
+            "a1": torch.rand(n // 256, generator=generator, device=device), "a2": torch.rand(n // 256, generator=generator, device=device),
+        }
+        start["a1"][1] = 0.0
+        g = torch.randn(n, generator=generator, device=device).to(dtype)
+        g[256:512] = 0.0  # with a1[1] = 0: block 1's first moment stays all zero
+        eager, kernel = ({k: v.clone() for k, v in start.items()} for _ in range(2))
+        hyper = hyperparameters(**HYPER, step=3, scale=0.7, device=device)
+        for state, update, kw in ((eager, adamw8bit_update_, {}), (kernel, adam8bit.triton_update_, {"rows": rows, "num_warps": warps})):
+            update(state["p"], g, state["s1"], state["s2"], state["a1"], state["a2"], q1, q2, tables1, tables2, hyper, **kw)
+        moved = (eager["p"] - start["p"]).abs()
+        assert ((eager["p"] - kernel["p"]).abs() <= 1e-6 * eager["p"].abs() + 1e-5 * moved).all(), (n, dtype)
+        assert torch.allclose(eager["a1"], kernel["a1"], rtol=1e-6, atol=0) and torch.allclose(eager["a2"], kernel["a2"], rtol=1e-6, atol=0)
+        assert kernel["a1"][1] == 0 and (q1[kernel["s1"][256:512].long()] == 0).all()
+        for key in ("s1", "s2"):
+            codes = (eager[key].long() - kernel[key].long()).abs()
+            assert codes.max() <= 1 and (codes > 0).sum() <= n // 1000, (n, key)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        adam8bit.triton_update_(torch.zeros(100, device=device), *([torch.zeros(100, device=device)] * 3), None, None, q1, q2, tables1, tables2, hyper)
+
+
+def _mlp(seed: int) -> list[torch.nn.Parameter]:
+    """bf16 weights of 8192 elements (8-bit moments) and biases under bitsandbytes' 4096-element
+    ``min_8bit_size`` (32-bit moments)."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).to(torch.bfloat16)
+    return list(net.parameters())
+
+
+def _grads(params, step: int) -> None:
+    generator = torch.Generator().manual_seed(step)
+    for param in params:
+        param.grad = (1e-2 * torch.randn(param.shape, generator=generator)).to(torch.bfloat16)
+
+
+def test_diffpo_kernel_option_steps_the_8bit_buckets_and_shares_bitsandbytes_state(monkeypatch):
+    """``MasterWeightAdamW8bit(kernel="diffpo")``: the 8-bit buckets go through diffpo's update,
+    the 32-bit ones through bitsandbytes; it scales the gradients inside (clipping); its update
+    lands no farther from float32 AdamW than bitsandbytes' own; and a checkpoint moves between the
+    two kernels both ways, moments as they are, the next steps then close (0.01 lr)."""
+    from benchmarks.optimizer_step import error_vs_adamw
+
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    calls = []
+    optimizer = MasterWeightAdamW8bit(_mlp(0), kernel="diffpo", lr=1e-3)
+    assert optimizer.scales_gradients
+    update = adam8bit.update_function("cpu")
+    with monkeypatch.context() as patch:
+        patch.setattr(adam8bit, "update_function", lambda device: (lambda p, *rest: calls.append((p.numel(), rest[-1][-1].item())) or update(p, *rest)))
+        _grads(optimizer.model_params, 0)
+        optimizer.set_gradient_scale(0.5)
+        optimizer.step()
+    assert calls == [(2 * 8192, 0.5)]  # the one 8-bit bucket; the biases' 32-bit bucket went to bitsandbytes
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter((0.02 * torch.randn(shape)).to(torch.bfloat16)) for shape in [(64, 128), (300, 40), (5000,)]]
+    grads = [(1e-3 * torch.randn(p.shape)).to(torch.bfloat16) for p in params]
+    kinds = {"bitsandbytes": MasterWeightAdamW8bit, "diffpo": lambda ps, **kw: MasterWeightAdamW8bit(ps, kernel="diffpo", **kw)}
+    errors = error_vs_adamw(params, grads, kinds)
+    assert errors["diffpo"]["max_lr"] <= errors["bitsandbytes"]["max_lr"] and errors["diffpo"]["mean_lr"] <= errors["bitsandbytes"]["mean_lr"]
+    for source_kernel, target_kernel in [("diffpo", "bitsandbytes"), ("bitsandbytes", "diffpo")]:
+        source = MasterWeightAdamW8bit(_mlp(0), kernel=source_kernel, lr=1e-3)
+        for step in range(2):
+            _grads(source.model_params, step)
+            source.step()
+        saved = io.BytesIO()
+        torch.save(source.state_dict(), saved)
+        saved.seek(0)
+        target = MasterWeightAdamW8bit(_mlp(1), kernel=target_kernel, lr=1e-3)
+        target.load_state_dict(torch.load(saved, weights_only=False))
+        for mine, theirs in zip(source.param_groups[0]["params"], target.param_groups[0]["params"]):
+            for key in {"state1", "state2", "absmax1", "absmax2", "step"} & set(source.state[mine]):
+                assert torch.equal(torch.as_tensor(source.state[mine][key]), torch.as_tensor(target.state[theirs][key])), key
+        _grads(source.model_params, 2)
+        _grads(target.model_params, 2)
+        source.step()
+        target.step()
+        assert all((a - b).abs().max() < 1e-5 for a, b in zip(source.masters, target.masters))
+
+
+def test_trainer_runs_with_the_diffpo_kernel(tmp_path, pair_dir, model_cache, monkeypatch):
+    """``train.adam_8bit_kernel=diffpo`` through ``diffpo train``: accepted only over bf16 masters
+    with 8-bit AdamW; each step's 8-bit update goes through it with the clipping coefficient of
+    that step's logged norm inside, and the run trains to its end with finite losses."""
+    from conftest import read_metrics, tiny_run_config
+
+    from diffpo.config import ConfigError, config_from_dict
+    from diffpo.train import train
+
+    with pytest.raises(ConfigError, match="adam_8bit_kernel.*use_8bit_adam=true and train.weight_dtype=bf16"):
+        config_from_dict({"train": {"adam_8bit_kernel": "diffpo", "use_8bit_adam": True}})
+    update, scales = adam8bit.update_function("cpu"), []
+    monkeypatch.setattr(adam8bit, "update_function", lambda device: (lambda *args: scales.append(args[-1][-1].item()) or update(*args)))
+    fast = {"mixed_precision": "bf16", "weight_dtype": "bf16", "use_8bit_adam": True, "adam_8bit_kernel": "diffpo",
+            "max_steps": 3, "checkpoint_every": 3, "learning_rate": 1e-3, "max_grad_norm": 0.05}
+    out = tmp_path / "run"
+    train(tiny_run_config(out, pair_dir, model={"lora": {"enabled": False}}, train=fast), cache_dir=model_cache)
+    metrics = read_metrics(out)
+    assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert scales == [pytest.approx(0.05 / (m["grad_norm"] + 1e-6), rel=1e-5) for m in metrics]  # clipping active, inside
+    assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").exists()
