@@ -234,7 +234,7 @@ def _set_grads(params, step: int, reference=None) -> None:
     """Step ``step``'s gradients on ``params``; the same gradients, upcast, on ``reference`` (the
     float32 parameters a bitsandbytes optimizer steps for comparison)."""
     for index, param in enumerate(params):
-        param.grad = _grads(100 * step + index, param.shape).to(param.dtype)
+        param.grad = _grads(100 * step + index, param.shape).to(param.device, param.dtype)
     for param, ref in zip(params, reference or ()):
         ref.grad = param.grad.float()
 
