@@ -34,6 +34,8 @@ import torch
 
 FAST_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sdxl_mapo_fast.yaml"
 ARCHS_E2E = ("sdxl", "tiny-sdxl")
+# a CPU smoke run: float32 weights (no bf16 masters, so bitsandbytes' plain 8-bit AdamW, whose kernel is its own)
+CPU_OVERRIDES = ["train.mixed_precision=no", "train.weight_dtype=float32", "train.adam_8bit_kernel=bitsandbytes"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,7 +95,7 @@ def setup(args) -> dict:
     started = time.perf_counter()
     write_pairs(work / "pairs", args.pairs, arch.resolution)
     record["images_s"] = round(time.perf_counter() - started, 1)
-    overrides = base_overrides(work, arch.resolution) + ([] if args.device.startswith("cuda") else ["train.mixed_precision=no", "train.weight_dtype=float32"])
+    overrides = base_overrides(work, arch.resolution) + ([] if args.device.startswith("cuda") else CPU_OVERRIDES)
     cmd = [sys.executable, "-m", "diffpo", "cache", "--config", str(FAST_CONFIG), *overrides, "logging.progress=false", "--device", args.device, "--out", str(work / "cache"), "--flip-copies", "--dtype", "bfloat16"]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -121,7 +123,7 @@ def train_run(args) -> dict:
         f"data.cache={args.work / 'cache'}", f"output_dir={out_dir}", "overwrite_output_dir=true",
         "train.gradient_accumulation_steps=1", f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}",
         f"train.compile_cache_dir={args.work / 'compile_cache'}", "logging.report_to=none", "logging.progress=false",
-    ] + ([] if on_gpu else ["train.mixed_precision=no", "train.weight_dtype=float32", "train.compile=none", "data.num_workers=0"]) + list(args.overrides)
+    ] + ([] if on_gpu else [*CPU_OVERRIDES, "train.compile=none", "data.num_workers=0"]) + list(args.overrides)
     cfg = load_config(args.config, overrides)
     saves = train_module.save_checkpoint, train_module.save_final
     if not args.save:  # the steps are timed; the saves (tens of GB at SDXL size) come after them

@@ -7,19 +7,22 @@ finding each moment's nearest code (a search in a 256-entry table). Here the nea
 table lookups (``nearest_code_tables``). On a GPU a hand-written Triton kernel (``triton_update_``)
 runs the whole update of a bucket in one pass: 1.85 ms per 1 GiB bucket on an H200 against
 bitsandbytes' 7.47 (2.3 TB/s counting those 16 bytes; ``python -m benchmarks.adam8bit_kernel``).
-Elsewhere the same update in torch ops (``adamw8bit_update_``, the reference the kernel is tested
-against) runs through torch.compile (``compiled_update``; C++ on a CPU). On a GPU torch.compile's
+On a CPU the same update in torch ops (``adamw8bit_update_``, the reference the kernel is tested
+against) runs through torch.compile (``compiled_update``, C++). On a GPU torch.compile's
 code for it took 7.0 ms per bucket, no faster than bitsandbytes': hence the kernel.
 
 The state is bitsandbytes' to the byte: each moment an index into bitsandbytes' dynamic code
 (``state["qmap1"]``, ``state["qmap2"]``) scaled by the float32 maximum of its block of 256
 (``absmax1``, ``absmax2``), the new maximum taken after the update, as bitsandbytes' kernel does. A
-checkpoint written under one kernel resumes under the other. The update is bitsandbytes' (its CPU
-reference, ``backends/cpu/ops.py``): m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
+checkpoint written under one kernel resumes under the other. The update is bitsandbytes' CPU
+reference's (``backends/cpu/ops.py``): m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
 p = p (1 - lr wd) - lr/c1 * m / (sqrt(v)/c2 + eps), c1 = 1-b1^t, c2 = sqrt(1-b2^t), with g the gradient
-times the clipping scale. One difference: each moment is rounded to its *nearest* code (bitsandbytes'
-CUDA kernel searches its table in a way that can land one code off); tested against bitsandbytes'
-CPU update, which rounds to the nearest too.
+times the clipping scale. Where it differs: each moment is rounded to its *nearest* code
+(bitsandbytes' CPU quantizer lands up to four codes off on small values; on an H200 this update
+and its CUDA kernel land equally close to float32 AdamW, BENCHMARKS.md); its CUDA kernel applies
+the weight decay after the Adam step, not before (a difference of order lr^2 wd); and a non-finite
+gradient makes its block's moments non-finite (bitsandbytes' CUDA kernel skips that element): the
+trainer skips a step whose gradient norm is not finite before it reaches the optimizer.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ def _tables_on_cpu(code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]
     values = torch.tensor(code, dtype=torch.float64)
     if values.numel() != 256 or not bool((values[1:] > values[:-1]).all()) or values.abs().max() > 1:
         raise ValueError("the code must hold 256 increasing values in [-1, 1] (bitsandbytes' dynamic code)")
-    # nearest code of y = the number of midpoints below y (a tie goes to the lower code, as in
-    # bitsandbytes' CPU quantizer); float32 midpoints, as the comparison runs in float32
+    # nearest code of y = the number of midpoints below y (y exactly on a midpoint: the lower code);
+    # float32 midpoints, as the comparison runs in float32
     mids = ((values[1:] + values[:-1]) / 2).to(torch.float32)
     edges = torch.arange(_FIRST, _FIRST + _BUCKETS + 1, dtype=torch.int32) << _SHIFT
     edges = edges.view(torch.float32).to(torch.float64)
@@ -171,13 +174,12 @@ def triton_update_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1
 
 
 def update_function(device: torch.device):
-    """The 8-bit update for tensors on ``device``: the Triton kernel on a CUDA GPU (where Triton
-    imports), else ``adamw8bit_update_`` compiled (C++ on a CPU)."""
+    """The 8-bit update for tensors on ``device``: the Triton kernel on a CUDA GPU (the eager
+    ``adamw8bit_update_`` where Triton does not import), else ``adamw8bit_update_`` compiled (C++ on a CPU)."""
     if torch.device(device).type == "cuda":
         try:
             import triton  # noqa: F401  (CUDA builds of torch ship it)
-
-            return triton_update_
-        except ImportError:
-            pass
+        except ImportError:  # torch.compile needs Triton on a GPU too: the eager update, correct but slow
+            return adamw8bit_update_
+        return triton_update_
     return compiled_update()

@@ -323,7 +323,7 @@ def _master_weight_adamw8bit() -> type:
                 raise ValueError(f"kernel must be one of {', '.join(ADAM_8BIT_KERNELS)}, got {kernel!r}")
             self._min_8bit_size, self.kernel = min_8bit_size, kernel
             self._triton_update = _bitsandbytes_triton_update() if kernel == "triton" else None
-            self._code_tables: dict = {}  # kernel="diffpo": (device, qmap data pointer) -> nearest_code_tables
+            self._code_tables: dict = {}  # kernel="diffpo": id(qmap) -> (qmap, its nearest_code_tables)
             super().__init__(params, min_8bit_size=min_8bit_size, **kwargs)
 
         def _bucket_kind(self, param):
@@ -338,8 +338,9 @@ def _master_weight_adamw8bit() -> type:
                     f"not {self.block}: flat master buckets would mix parameters in one block; this bitsandbytes is not supported"
                 )
 
-        # bitsandbytes' Triton kernel compiles the scale in: a new kernel for every clipping coefficient
-        scales_gradients = property(lambda self: self.kernel == "diffpo" or (self.kernel == "bitsandbytes" and _bitsandbytes_takes_gnorm_scale()))
+        # kernel="triton": bitsandbytes' Triton kernel compiles the scale in (a new kernel for every clipping
+        # coefficient); kernel="diffpo" scales inside its own, but its 32-bit buckets need bitsandbytes' to take it
+        scales_gradients = property(lambda self: self.kernel in ("bitsandbytes", "diffpo") and _bitsandbytes_takes_gnorm_scale())
 
         @torch.no_grad()
         def update_step(self, group, p, gindex, pindex):
@@ -390,15 +391,18 @@ def _master_weight_adamw8bit() -> type:
             from diffpo import adam8bit
 
             state, config = self.state[p], self.get_config(gindex, pindex, group)
-            if config.get("alpha", 0.0) or config["skip_zeros"] or config.get("max_unorm", 0.0) > 0.0:
-                raise NotImplementedError("kernel='diffpo' runs plain AdamW: no AdEMAMix alpha, skip_zeros or max_unorm")
+            unsupported = config.get("alpha", 0.0) or config["skip_zeros"] or config.get("max_unorm", 0.0) > 0.0
+            if unsupported or getattr(self.args, "percentile_clipping", 100) < 100 or not getattr(self.args, "block_wise", True):
+                raise NotImplementedError("kernel='diffpo' runs plain blockwise AdamW: no AdEMAMix alpha, skip_zeros, max_unorm or percentile_clipping")
             state["step"] += 1
             tables = []
             for qmap in (state["qmap1"], state["qmap2"]):
-                key = (qmap.device, qmap.data_ptr())
-                if key not in self._code_tables:
-                    self._code_tables[key] = adam8bit.nearest_code_tables(qmap)
-                tables.append(self._code_tables[key])
+                # keyed by the tensor itself (held in the entry, so its id cannot be reused by another
+                # map while cached): a loaded checkpoint brings new qmap tensors
+                cached = self._code_tables.get(id(qmap))
+                if cached is None or cached[0] is not qmap:
+                    cached = self._code_tables[id(qmap)] = (qmap, adam8bit.nearest_code_tables(qmap))
+                tables.append(cached[1])
             betas = config["betas"]
             hyper = adam8bit.hyperparameters(
                 lr=config["lr"], beta1=betas[0], beta2=betas[1], eps=config["eps"], weight_decay=config["weight_decay"],
@@ -407,6 +411,10 @@ def _master_weight_adamw8bit() -> type:
             adam8bit.update_function(p.device)(
                 p, p.grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"], state["qmap1"], state["qmap2"], tables[0], tables[1], hyper
             )
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            self._code_tables.clear()  # the loaded state brings its own qmap tensors
 
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)

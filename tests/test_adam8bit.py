@@ -216,7 +216,7 @@ def _grads(params, step: int) -> None:
 def test_diffpo_kernel_option_steps_the_8bit_buckets_and_shares_bitsandbytes_state(monkeypatch):
     """``MasterWeightAdamW8bit(kernel="diffpo")``: the 8-bit buckets go through diffpo's update,
     the 32-bit ones through bitsandbytes; it scales the gradients inside (clipping); its update
-    lands no farther from float32 AdamW than bitsandbytes' own; and a checkpoint moves between the
+    lands no farther from float32 AdamW than bitsandbytes' CPU update; and a checkpoint moves between the
     two kernels both ways, moments as they are, the next steps then close (0.01 lr)."""
     from benchmarks.optimizer_step import error_vs_adamw
 
@@ -270,12 +270,43 @@ def test_trainer_runs_with_the_diffpo_kernel(tmp_path, pair_dir, model_cache, mo
     with pytest.raises(ConfigError, match="adam_8bit_kernel.*use_8bit_adam=true and train.weight_dtype=bf16"):
         config_from_dict({"train": {"adam_8bit_kernel": "diffpo", "use_8bit_adam": True}})
     update, scales = adam8bit.update_function("cpu"), []
-    monkeypatch.setattr(adam8bit, "update_function", lambda device: (lambda *args: scales.append(args[-1][-1].item()) or update(*args)))
+    monkeypatch.setattr(adam8bit, "update_function", lambda device: (lambda *args: scales.append((args[-1][-1].item(), args[-1][0].item())) or update(*args)))
     fast = {"mixed_precision": "bf16", "weight_dtype": "bf16", "use_8bit_adam": True, "adam_8bit_kernel": "diffpo",
             "max_steps": 3, "checkpoint_every": 3, "learning_rate": 1e-3, "max_grad_norm": 0.05}
     out = tmp_path / "run"
     train(tiny_run_config(out, pair_dir, model={"lora": {"enabled": False}}, train=fast), cache_dir=model_cache)
     metrics = read_metrics(out)
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
-    assert scales == [pytest.approx(0.05 / (m["grad_norm"] + 1e-6), rel=1e-5) for m in metrics]  # clipping active, inside
+    assert [s for s, _ in scales] == [pytest.approx(0.05 / (m["grad_norm"] + 1e-6), rel=1e-5) for m in metrics]  # clipping active, inside
+    assert [lr for _, lr in scales] == [pytest.approx(m["lr"], rel=1e-6) for m in metrics]  # the scheduler's rate of each step
     assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_nearest_code_tables_follow_the_qmaps_across_checkpoint_loads():
+    """Each load brings new qmap tensors (a freed one's address can come back holding the other
+    map): after every load and step the tables the optimizer used are those of the maps it holds."""
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    optimizer = MasterWeightAdamW8bit(_mlp(0), kernel="diffpo", lr=1e-3)
+    _grads(optimizer.model_params, 0)
+    optimizer.step()
+    saved = io.BytesIO()
+    torch.save(optimizer.state_dict(), saved)
+    for step in range(1, 8):
+        saved.seek(0)
+        optimizer.load_state_dict(torch.load(saved, weights_only=False))
+        _grads(optimizer.model_params, step)
+        optimizer.step()
+        fresh = MasterWeightAdamW8bit(_mlp(0), kernel="diffpo", lr=1e-3)  # the same load and step, nothing cached
+        saved.seek(0)
+        fresh.load_state_dict(torch.load(saved, weights_only=False))
+        _grads(fresh.model_params, step)
+        fresh.step()
+        for mine, theirs in zip(optimizer.param_groups[0]["params"], fresh.param_groups[0]["params"]):
+            assert torch.equal(mine, theirs) and torch.equal(optimizer.state[mine]["state1"], fresh.state[theirs]["state1"])
+        (state,) = [s for s in optimizer.state.values() if s["state1"].dtype == torch.uint8]
+        for qmap in (state["qmap1"], state["qmap2"]):
+            cached_map, (base, mids) = optimizer._code_tables[id(qmap)]
+            expected = nearest_code_tables(qmap)
+            assert cached_map is qmap and torch.equal(base, expected[0]) and torch.equal(mids, expected[1])
+        assert len(optimizer._code_tables) <= 2
