@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    from benchmarks.train_step import environment
+    from benchmarks.train_step import environment, write_json
 
     kernels = _kernels(device)
     eager = kernels.pop("_eager")
@@ -144,9 +144,7 @@ def main(argv=None) -> dict:
         result["rows"].append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         del state
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     return result
 
 

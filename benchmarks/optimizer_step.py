@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.archs import ARCHS
-from benchmarks.train_step import environment, synchronize
+from benchmarks.train_step import environment, synchronize, write_json
 
 
 def _parameters(arch: str, device: torch.device) -> list[torch.nn.Parameter]:
@@ -186,9 +186,7 @@ def main(argv=None) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     return result
 
 

@@ -422,6 +422,13 @@ def time_by_kind(prof, device: torch.device) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def write_json(path: Path | None, result: dict) -> None:
+    """A benchmark's result as JSON at ``path`` (its folder made), where one is given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+
+
 def environment(device: torch.device, module: str = "benchmarks.train_step") -> dict:
     import accelerate
     import diffusers
