@@ -6,9 +6,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _nearest(y, base_ptr, mids_ptr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr):
+def _nearest(y, base_ptr, mids_ptr, SMALLEST: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr):
     # nearest_code, in Triton: the bucket of |y| from its float32 bits, then one comparison
-    bits = tl.maximum(tl.abs(y), 1.1920928955078125e-07).to(tl.int32, bitcast=True)  # 2**-23
+    bits = tl.maximum(tl.abs(y), SMALLEST).to(tl.int32, bitcast=True)
     row = tl.minimum(tl.maximum((bits >> SHIFT) - FIRST, 0), BUCKETS - 1) + tl.where(y < 0, BUCKETS, 0)
     start = tl.load(base_ptr + row)
     return start + (y > tl.load(mids_ptr + start)).to(tl.int32)
@@ -18,7 +18,7 @@ def _nearest(y, base_ptr, mids_ptr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, 
 def adamw8bit_kernel(
     p_ptr, g_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
     base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, n_blocks,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, SMALLEST: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr,
 ):
     # one program: ROWS quantization blocks of BLOCK values, as a ROWS x BLOCK tile
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -48,7 +48,7 @@ def adamw8bit_kernel(
     # an all-zero block stays at code 0 -> 0.0 (its maximum 0 is divided as 1)
     y1 = m / tl.where(max1 > 0, max1, 1.0)[:, None]
     y2 = v / tl.where(max2 > 0, max2, 1.0)[:, None]
-    tl.store(s1_ptr + offsets, _nearest(y1, base1_ptr, mids1_ptr, FIRST, BUCKETS, SHIFT).to(tl.uint8), mask=ok)
-    tl.store(s2_ptr + offsets, _nearest(y2, base2_ptr, mids2_ptr, FIRST, BUCKETS, SHIFT).to(tl.uint8), mask=ok)
+    tl.store(s1_ptr + offsets, _nearest(y1, base1_ptr, mids1_ptr, SMALLEST, FIRST, BUCKETS, SHIFT).to(tl.uint8), mask=ok)
+    tl.store(s2_ptr + offsets, _nearest(y2, base2_ptr, mids2_ptr, SMALLEST, FIRST, BUCKETS, SHIFT).to(tl.uint8), mask=ok)
     tl.store(absmax1_ptr + rows, max1, mask=row_ok)
     tl.store(absmax2_ptr + rows, max2, mask=row_ok)

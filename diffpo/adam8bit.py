@@ -162,14 +162,12 @@ def triton_update_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1
             raise ValueError(f"{name} must be contiguous with p's {p.numel()} values")
     if p.numel() % BLOCK or p.dtype != torch.float32:
         raise ValueError(f"p must be float32 with a multiple of {BLOCK} values")
-    import triton
-
-    blocks = p.numel() // BLOCK
     from diffpo._adam8bit_triton import adamw8bit_kernel  # needs Triton: imported on first use
 
-    adamw8bit_kernel[(triton.cdiv(blocks, rows),)](
+    blocks = p.numel() // BLOCK
+    adamw8bit_kernel[(-(-blocks // rows),)](
         p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1[0], tables1[1], tables2[0], tables2[1], hyper, blocks,
-        BLOCK=BLOCK, ROWS=rows, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, num_warps=num_warps,
+        BLOCK=BLOCK, ROWS=rows, SMALLEST=_SMALLEST, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, num_warps=num_warps,
     )
 
 

@@ -127,34 +127,44 @@ def test_update_tracks_bitsandbytes_and_rounds_moments_to_their_nearest_code():
         assert our_error.mean() < their_error.mean()
 
 
+def _random_start(n: int, device="cpu", generator=None) -> dict:
+    """A bucket of ``n`` values mid-training: random masters, codes and block maxima."""
+    def draw(fn, *args, **kw):
+        return fn(*args, generator=generator, device=device, **kw)
+    return {
+        "p": draw(torch.randn, n), "s1": draw(torch.randint, 0, 256, (n,), dtype=torch.uint8), "s2": draw(torch.randint, 0, 256, (n,), dtype=torch.uint8),
+        "a1": draw(torch.rand, n // 256), "a2": draw(torch.rand, n // 256),
+    }
+
+
+def _assert_same_update(eager: dict, other: dict, start: dict, label) -> None:
+    """``other`` is ``eager``'s update of ``start`` to float rounding: generated code may contract or
+    reorder float operations, and so round a moment sitting on a midpoint to its other neighbour."""
+    moved = (eager["p"] - start["p"]).abs()
+    assert ((eager["p"] - other["p"]).abs() <= 1e-6 * eager["p"].abs() + 1e-5 * moved).all(), label
+    for key in ("a1", "a2"):
+        assert torch.allclose(eager[key], other[key], rtol=1e-6, atol=0), (label, key)
+    for key in ("s1", "s2"):
+        codes = (eager[key].long() - other[key].long()).abs()
+        assert codes.max() <= 1 and (codes > 0).sum() <= eager["p"].numel() // 1000, (label, key)
+
+
 def test_compiled_update_is_the_eager_update_and_compiles_once():
     """torch.compile's kernel (C++ here, Triton on a GPU) gives the eager update's results (to float
     rounding), and a bucket of another size, a later step and another scale reuse the same compiled code."""
     from torch._dynamo.utils import counters
 
-    q1, _ = _codes()
     torch.manual_seed(1)
     compiled = adam8bit.compiled_update()
     frames = counters["stats"]["unique_graphs"]
     for n, step, scale in [(256 * 40, 1, 1.0), (256 * 40, 2, 0.3), (256 * 7, 3, 0.7)]:
-        start = _state(n, int((q1 == 0).nonzero()))
-        start["p"] = torch.randn(n)
-        start["s1"] = torch.randint(0, 256, (n,), dtype=torch.uint8)
-        start["s2"] = torch.randint(0, 256, (n,), dtype=torch.uint8)
-        start["a1"], start["a2"] = torch.rand(n // 256), torch.rand(n // 256)
+        start = _random_start(n)
         start["a1"][0] = 0.0  # a block whose moments were all zero
         eager, fused = ({k: v.clone() for k, v in start.items()} for _ in range(2))
         g = torch.randn(n).to(torch.bfloat16)
         _update(adamw8bit_update_, eager, g, step=step, scale=scale)
         _update(compiled, fused, g, step=step, scale=scale)
-        # the generated code may contract or reorder float operations: the same to float rounding
-        moved = (eager["p"] - start["p"]).abs()
-        assert ((eager["p"] - fused["p"]).abs() <= 1e-6 * eager["p"].abs() + 1e-5 * moved).all(), (n, step)
-        for key in ("a1", "a2"):
-            assert torch.allclose(eager[key], fused[key], rtol=1e-6, atol=0), (n, step, key)
-        for key in ("s1", "s2"):  # and so round a moment sitting on a midpoint to its other neighbour
-            codes = (eager[key].long() - fused[key].long()).abs()
-            assert codes.max() <= 1 and (codes > 0).sum() <= n // 1000, (n, step, key)
+        _assert_same_update(eager, fused, start, (n, step))
     assert counters["stats"]["unique_graphs"] - frames <= 1  # at most one compile (none if an earlier test compiled it)
 
 
@@ -176,11 +186,7 @@ def test_triton_kernel_is_the_eager_update():
     tables1, tables2 = nearest_code_tables(q1), nearest_code_tables(q2)
     generator = torch.Generator(device).manual_seed(0)
     for n, dtype, rows, warps in [(256 * 9, torch.float32, 4, 4), (256 * 5, torch.bfloat16, 2, 4), (256 * 33, torch.float32, 16, 8)]:
-        start = {
-            "p": torch.randn(n, generator=generator, device=device), "s1": torch.randint(0, 256, (n,), generator=generator, device=device, dtype=torch.uint8),
-            "s2": torch.randint(0, 256, (n,), generator=generator, device=device, dtype=torch.uint8),
-            "a1": torch.rand(n // 256, generator=generator, device=device), "a2": torch.rand(n // 256, generator=generator, device=device),
-        }
+        start = _random_start(n, device, generator)
         start["a1"][1] = 0.0
         g = torch.randn(n, generator=generator, device=device).to(dtype)
         g[256:512] = 0.0  # with a1[1] = 0: block 1's first moment stays all zero
@@ -188,13 +194,8 @@ def test_triton_kernel_is_the_eager_update():
         hyper = hyperparameters(**HYPER, step=3, scale=0.7, device=device)
         for state, update, kw in ((eager, adamw8bit_update_, {}), (kernel, adam8bit.triton_update_, {"rows": rows, "num_warps": warps})):
             update(state["p"], g, state["s1"], state["s2"], state["a1"], state["a2"], q1, q2, tables1, tables2, hyper, **kw)
-        moved = (eager["p"] - start["p"]).abs()
-        assert ((eager["p"] - kernel["p"]).abs() <= 1e-6 * eager["p"].abs() + 1e-5 * moved).all(), (n, dtype)
-        assert torch.allclose(eager["a1"], kernel["a1"], rtol=1e-6, atol=0) and torch.allclose(eager["a2"], kernel["a2"], rtol=1e-6, atol=0)
+        _assert_same_update(eager, kernel, start, (n, dtype))
         assert kernel["a1"][1] == 0 and (q1[kernel["s1"][256:512].long()] == 0).all()
-        for key in ("s1", "s2"):
-            codes = (eager[key].long() - kernel[key].long()).abs()
-            assert codes.max() <= 1 and (codes > 0).sum() <= n // 1000, (n, key)
     with pytest.raises(ValueError, match="multiple of 256"):
         adam8bit.triton_update_(torch.zeros(100, device=device), *([torch.zeros(100, device=device)] * 3), None, None, q1, q2, tables1, tables2, hyper)
 
