@@ -201,16 +201,19 @@ def test_what_a_family_declares_matches_its_tiny_model(family, model_cache):
     assert compiled == set(cls.compile_blocks)  # every declared block exists, nothing else compiled
 
 
+@pytest.mark.parametrize("kernel", ["bitsandbytes", "diffpo"])
 @pytest.mark.parametrize("family", ["sd", "sd2v", "sdxl", "sd3", "flux"])
-def test_fast_path_full_finetune_trains_every_family(family, tmp_path, pair_dir, model_cache):
-    """The fast path's optimizer (bf16 weights, float32 masters in flat buckets, 8-bit moments, the
-    gradients taken before the step's host sync, clipping inside the update: active here) is
-    independent of the network: two full fine-tuning steps per family, every trained weight finite,
-    most of them moved, the logged norms above max_grad_norm."""
+def test_fast_path_full_finetune_trains_every_family(family, kernel, tmp_path, pair_dir, model_cache):
+    """The fast path's optimizer (bf16 weights, float32 masters in flat buckets, 8-bit moments by
+    bitsandbytes' kernel or diffpo's, the shipped fast config's, the gradients taken before the
+    step's host sync, clipping inside the update: active here) is independent of the network: two
+    full fine-tuning steps per family, every trained weight finite, most of them moved, the logged
+    norms above max_grad_norm."""
     from safetensors.torch import load_file
 
     out = tmp_path / family
-    fast = {"mixed_precision": "bf16", "weight_dtype": "bf16", "use_8bit_adam": True, "max_grad_norm": 0.05, "learning_rate": 1e-3, "checkpoint_every": 2}
+    fast = {"mixed_precision": "bf16", "weight_dtype": "bf16", "use_8bit_adam": True, "adam_8bit_kernel": kernel,
+            "max_grad_norm": 0.05, "learning_rate": 1e-3, "checkpoint_every": 2}
     result = train(make_cfg(out, pair_dir, family, model={"lora": {"enabled": False}}, train=fast), cache_dir=model_cache)
     assert result.steps == 2 and result.skipped_steps == 0
     metrics = check_metrics(out, with_reference=False)
