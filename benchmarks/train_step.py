@@ -21,7 +21,11 @@ A case is ``RECIPE/OBJECTIVE/MODE``:
   those blocks (``model.gradient_checkpointing: [down_blocks.1, up_blocks.1]``); ``+8bit`` keeps
   AdamW's moments in 8 bits over the float32 masters (``train.use_8bit_adam``:
   ``diffpo.fastpath.MasterWeightAdamW8bit``, bitsandbytes; e.g. ``diffpo+compile+8bit/mapo/full``;
-  ``+c8bit``: the same with diffpo's 8-bit kernel, ``train.adam_8bit_kernel=diffpo``);
+  ``+c8bit``: the same with diffpo's 8-bit kernel, ``train.adam_8bit_kernel=diffpo``); ``+catk``
+  lowers concatenations in the compiled graphs to one buffer that each input writes its part of,
+  instead of one masked kernel over the result (``train.compile_options:
+  {max_pointwise_cat_inputs: 1}``; GEGLU's backward is such a concatenation); ``+static`` compiles a
+  static graph per shape (``train.compile_dynamic: false``);
   ``diffpo-fp32`` keeps float32 weights under autocast (what FSDP shards: its own mixed precision
   computes in bf16 from float32 shards).
 - OBJECTIVE: ``sft``, ``diffusion_dpo``, ``mapo``, ``dmpo``, or ``unet`` (the UNet's forward and
@@ -58,7 +62,7 @@ from benchmarks.archs import ARCHS, Arch, build_encoders, build_unet
 OBJECTIVES = ("sft", "diffusion_dpo", "mapo", "dmpo", "unet")
 RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo+compile+8bit", "diffpo+compile+c8bit", "diffpo+fullcompile+8bit", "diffpo-fp32", "diffpo-fp32+ckpt")
 RECIPE_BASES = ("public", "diffpo", "diffpo-fp32")
-RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit", "c8bit")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
+RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit", "c8bit", "catk", "static")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
 DEFAULT_CASES = (
     "public/mapo/full", "public/diffusion_dpo/full",
     "diffpo/sft/full", "diffpo/mapo/full", "diffpo/diffusion_dpo/full", "diffpo/dmpo/full",
@@ -124,6 +128,16 @@ class Case:
         return "diffpo" if "c8bit" in self.recipe.split("+")[1:] else "bitsandbytes"
 
     @property
+    def compile_options(self) -> dict:
+        """``train.compile_options`` of the case (``+catk``)."""
+        return {"max_pointwise_cat_inputs": 1} if "catk" in self.recipe.split("+")[1:] else {}
+
+    @property
+    def compile_dynamic(self) -> bool | None:
+        """``train.compile_dynamic`` of the case: false with ``+static``, else PyTorch's default."""
+        return False if "static" in self.recipe.split("+")[1:] else None
+
+    @property
     def checkpointing(self) -> bool | list[str]:
         """True (every block), False, or the blocks that checkpoint (``+ckpt=down_blocks.1:up_blocks.1``)."""
         for option in self.recipe.split("+")[1:]:
@@ -146,6 +160,8 @@ def _train_config(case: Case):
         train["weight_dtype"] = "bf16"
     if case.adam_8bit_kernel != "bitsandbytes":
         train["adam_8bit_kernel"] = case.adam_8bit_kernel
+    if case.compile_options or case.compile_dynamic is not None:  # (the harness compiles in Setup.compile, after the FLOP count)
+        train.update(compile=case.compile_mode, compile_options=case.compile_options, compile_dynamic=case.compile_dynamic)
     lora = {"enabled": case.mode == "lora", "rank": LORA_RANK, "alpha": float(LORA_RANK), "target_modules": LORA_TARGETS}
     model = {"pretrained": "benchmark", "lora": lora, "gradient_checkpointing": case.checkpointing}
     return config_from_dict({"model": model, "data": {"source": "benchmark"}, "loss": {"name": "mapo" if case.objective == "unet" else case.objective}, "train": train})
@@ -166,7 +182,7 @@ class Setup:
         from diffpo.train import make_trainable, setup_optimizer
 
         self.arch, self.case, self.pairs, self.device = arch, case, pairs, device
-        cfg = _train_config(case)
+        self.cfg = cfg = _train_config(case)
         self.spec = get_loss(cfg.loss.name)  # "unet" measures mapo's setup (no reference) without its loss
         self.hparams = self.spec.resolve_hparams({})
         unet = build_unet(arch, device)
@@ -229,7 +245,7 @@ class Setup:
         (``Case.compile_mode``; after the FLOP count, which runs eagerly)."""
         from diffpo.train import compile_model
 
-        compile_model(self.model, self.case.compile_mode)
+        compile_model(self.model, self.case.compile_mode, self.cfg.train.compile_options, self.cfg.train.compile_dynamic)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)

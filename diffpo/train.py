@@ -416,7 +416,7 @@ def setup_model(cfg: Config, accelerator, spec: LossSpec, cache_meta: dict | Non
     model = make_trainable(components, cfg, spec, accelerator.device)
     if cfg.train.compile != "none":
         use_compile_cache(cfg.train.compile_cache_dir)
-    compile_model(model, cfg.train.compile)
+    compile_model(model, cfg.train.compile, cfg.train.compile_options, cfg.train.compile_dynamic)
     return model
 
 
@@ -448,13 +448,16 @@ def make_trainable(components: Components, cfg: Config, spec: LossSpec, device: 
     return Model(components, network, reference, use_lora)
 
 
-def compile_model(model: Model, mode: str) -> None:
-    """torch.compile (``train.compile``) of the trained network and a frozen reference copy;
-    ``regional`` compiles the blocks the family declares (``Family.compile_blocks``)."""
+def compile_model(model: Model, mode: str, options: dict | None = None, dynamic: bool | None = None) -> None:
+    """torch.compile (``train.compile``, ``train.compile_options``, ``train.compile_dynamic``) of the trained network and a
+    frozen reference copy; ``regional`` compiles the blocks the family declares (``Family.compile_blocks``)."""
     blocks = model.components.family.compile_blocks
-    compile_network(_unwrap(model.network), mode, blocks)
-    if model.reference is not None and model.reference.frozen is not None:
-        compile_network(model.reference.frozen, mode, blocks)
+    try:
+        compile_network(_unwrap(model.network), mode, blocks, options, dynamic)
+        if model.reference is not None and model.reference.frozen is not None:
+            compile_network(model.reference.frozen, mode, blocks, options, dynamic)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def setup_optimizer(cfg: Config, network: torch.nn.Module, device: torch.device | str, num_processes: int = 1) -> Optim:

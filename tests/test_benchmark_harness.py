@@ -68,6 +68,14 @@ def test_c8bit_cases_step_with_diffpos_compiled_8bit_kernel():
     assert [(c.use_8bit_adam, c.adam_8bit_kernel) for c in configs.values()] == [(True, "bitsandbytes"), (True, "diffpo"), (False, "bitsandbytes")]
 
 
+def test_catk_and_static_cases_carry_their_compile_settings():
+    """``+catk``: the inductor option in the case's config; ``+static``: train.compile_dynamic=false."""
+    cases = ("diffpo+compile+c8bit+catk/mapo/full", "diffpo+compile+c8bit/mapo/full", "diffpo+compile+static/mapo/full")
+    configs = [train_step._train_config(train_step.Case.parse(text)).train for text in cases]
+    assert [(c.compile, c.compile_options, c.compile_dynamic) for c in configs] == [
+        ("regional", {"max_pointwise_cat_inputs": 1}, None), ("none", {}, None), ("regional", {}, False)]
+
+
 def test_fullcompile_cases_compile_the_whole_network_regional_ones_its_blocks():
     from benchmarks.archs import ARCHS
 

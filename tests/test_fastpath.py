@@ -687,3 +687,75 @@ def test_triton_8bit_kernel_updates_the_8bit_buckets_in_the_same_state_layout(mo
     other.step()
     optimizer.step()
     assert all((a - b).abs().max() < 1e-5 for a, b in zip(other.masters, optimizer.masters))  # 0.01 lr: only the codes' rounding differs
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: train.compile_options, inductor options for every compiled graph
+
+
+def test_compile_options_reach_every_compiled_block_and_the_whole_network(monkeypatch):
+    from diffpo.models import FAMILIES
+    from diffpo.tiny import tiny_unet
+
+    calls = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, *args, **kwargs):
+        calls.append(kwargs.get("options"))
+        dynamics.append(kwargs.get("dynamic", "unset"))
+        return real_compile(fn, *args, **kwargs)  # the real one: it checks the options too
+
+    dynamics = []
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    options = {"max_pointwise_cat_inputs": 1}
+    unet = tiny_unet(4, 16)
+    compile_network(unet, "regional", FAMILIES["sd"].compile_blocks, options)
+    assert len(calls) == len(compiled_regions(unet)) > 4 and all(c == options for c in calls)
+    calls.clear()
+    compile_network(tiny_unet(4, 16), "regional", FAMILIES["sd"].compile_blocks)
+    assert calls and all(c is None for c in calls)  # no options: PyTorch's defaults
+    calls.clear()
+    compile_network(tiny_unet(4, 16), "full", options=options)
+    assert calls == [options]
+    assert set(dynamics) == {"unset"}  # train.compile_dynamic null: torch.compile's own default
+    dynamics.clear()
+    compile_network(tiny_unet(4, 16), "regional", FAMILIES["sd"].compile_blocks, dynamic=False)
+    assert dynamics and set(dynamics) == {False}
+
+
+def test_compile_options_are_checked_at_setup_with_the_key_named(tmp_path):
+    from diffpo.config import ConfigError, config_from_dict
+    from diffpo.tiny import tiny_unet
+
+    with pytest.raises(ValueError, match="'max_pointwise_cat_input' is not an inductor option"):
+        compile_network(tiny_unet(4, 16), "regional", ("ResnetBlock2D",), {"max_pointwise_cat_input": 1})
+    with pytest.raises(ValueError, match=r"train.compile_options.max_pointwise_cat_inputs: must be int like its default 8, got 'one'"):
+        compile_network(tiny_unet(4, 16), "regional", ("ResnetBlock2D",), {"max_pointwise_cat_inputs": "one"})
+    with pytest.raises(ConfigError, match="train.compile_options: apply to torch.compile: needs train.compile=regional or full"):
+        config_from_dict({"data": {"source": "x"}, "train": {"compile_options": {"max_pointwise_cat_inputs": 1}}})
+    with pytest.raises(ConfigError, match="train.compile_dynamic: applies to torch.compile"):
+        config_from_dict({"data": {"source": "x"}, "train": {"compile_dynamic": False}})
+    # as a command-line override, the option's own dotted key
+    from diffpo.config import parse_overrides
+    tree = parse_overrides(["train.compile=regional", "train.compile_options.max_pointwise_cat_inputs=1", "train.compile_dynamic=false"])
+    cfg = config_from_dict({"data": {"source": "x"}, **tree})
+    assert (cfg.train.compile_options, cfg.train.compile_dynamic) == ({"max_pointwise_cat_inputs": 1}, False)
+
+
+def test_trainer_compiles_with_train_compile_options(tmp_path, pair_dir, model_cache, monkeypatch):
+    """The trainer hands train.compile_options and compile_dynamic to every compilation (recorded, not compiled: the
+    compiled run itself is the GPU benchmark's), and an unknown option stops it at setup with its name."""
+    import diffpo.train as train_module
+    from diffpo.train import TrainingError
+
+    seen = []
+    monkeypatch.setattr(train_module, "compile_network", lambda network, mode, blocks, options=None, dynamic=None: seen.append((mode, options, dynamic)) or network)
+    options = {"max_pointwise_cat_inputs": 1}
+    settings = {"compile": "regional", "compile_options": options, "compile_dynamic": False, "max_steps": 1}
+    result = train(tiny_run_config(tmp_path / "a", pair_dir, train=settings), cache_dir=model_cache)
+    assert result.steps == 1 and seen == [("regional", options, False)]
+    monkeypatch.undo()
+    with pytest.raises(TrainingError, match="'no_such_option' is not an inductor option"):
+        train(tiny_run_config(tmp_path / "b", pair_dir, train={"compile": "regional", "compile_options": {"no_such_option": 1}, "max_steps": 1}), cache_dir=model_cache)
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()  # stopped before the first step

@@ -20,7 +20,7 @@ XL=${XL:-sdxl} PAIRS=${PAIRS:-64} DEV=${DEV:-cuda} STEPS=${STEPS:-20} HSTEPS=${H
 # selective checkpointing: the 128/64-px blocks without up_blocks.1; all 128/64-px blocks; the 32-px down block
 LEVERS=${LEVERS:-"down_blocks.0:down_blocks.1:up_blocks.2 down_blocks.0:down_blocks.1:up_blocks.1:up_blocks.2 down_blocks.2"}
 WORK=${WORK:-/tmp/e2e16}
-STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py), tritontest, kern (benchmarks/adam8bit_kernel.py)
+STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py), tritontest, kern (benchmarks/adam8bit_kernel.py), levers (benchmarks/compile_levers.py), base
 RESERVE=${RESERVE:-25}  # seconds the harness leaves to the stages after it
 # STAGES run in the order given
 START=$(date +%s)
@@ -45,8 +45,28 @@ run_setup() {
     --out "$OUT/e2e_setup.json" > "$OUT/logs/setup.log" 2>&1
   stage "setup rc=$?"
 }
-run_cold() { train cold ${COLD_CAP:-320} ${COLD_ARGS:-}; }
-run_warm() { train warm ${WARM_CAP:-160} ${WARM_ARGS:-}; }
+# LEVER_ARGS: compile settings for both trainer runs (the "levers" stage sets it from its own measurements)
+run_cold() { train cold ${COLD_CAP:-320} ${COLD_ARGS:-} ${LEVER_ARGS:-}; }
+run_warm() { train warm ${WARM_CAP:-160} ${WARM_ARGS:-} ${LEVER_ARGS:-}; }
+run_base() { train base ${BASE_CAP:-260} ${BASE_ARGS:-}; }  # the trainer without LEVER_ARGS (the same machine's before)
+run_levers() {  # compile settings on SDXL's blocks (benchmarks/compile_levers.py); LEVER_ARGS := those that paid
+  stage "compile levers"
+  timeout $(cap ${LEVERS_CAP:-150}) python3 -m benchmarks.compile_levers --out "$OUT/compile_levers.json" > "$OUT/logs/compile_levers.log" 2>&1
+  stage "compile levers rc=$?"
+  LEVER_ARGS=$(python3 - "$OUT/compile_levers.json" <<'PY'
+import json, sys
+try:
+    per = json.load(open(sys.argv[1]))["sdxl_ms_per_step"]
+except Exception:
+    per = {}
+total = lambda v: sum(per.get(f"{v}/{k}", float("inf")) for k in ("feed_forward", "resnet"))
+best = min(("default", "static", "catk", "static+catk"), key=total)
+args = (["train.compile_dynamic=false"] if "static" in best else []) + (["train.compile_options.max_pointwise_cat_inputs=1"] if "catk" in best else [])
+print(" ".join(args) if total(best) < total("default") else "")
+PY
+)
+  stage "levers chosen: '${LEVER_ARGS}'"
+}
 if [ -z "${CASES:-}" ]; then
   CASES=public/mapo/full,diffpo+compile+ckpt/mapo/full,diffpo+compile/mapo/full
   for blocks in $LEVERS; do CASES=$CASES,diffpo+compile+ckpt=$blocks/mapo/full; done
@@ -105,7 +125,7 @@ python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/logs/summary.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever"):
+for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever", "e2e_train_base"):
     path = out / f"{name}.json"
     if path.is_file():
         r = json.loads(path.read_text())
@@ -114,6 +134,12 @@ for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever"):
         print("  compile cache", r.get("compile_cache_counters"), "phases", list((r.get("compile_seconds") or {}).items())[:8])
         if r.get("profile"):
             print("  profile", {k: v for k, v in r["profile"].items() if k != "table"})
+path = out / "compile_levers.json"
+if path.is_file():
+    r = json.loads(path.read_text())
+    print("compile levers, SDXL's blocks per step (ms):", r["sdxl_ms_per_step"])
+    for row in r["rows"]:
+        print(" ", row.get("variant"), row.get("block"), row.get("dim"), row.get("fwd_bwd_ms", row.get("error")), row.get("grad_norms"))
 path = out / "optimizer_step.json"
 if path.is_file():
     r = json.loads(path.read_text())
