@@ -11,7 +11,6 @@ their family's pipeline instead (``diffpo.sampling``).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -75,46 +74,13 @@ def sample_pixels(
     dtype = next(network.parameters()).dtype
     uncond = family.encode_prompts(components, [""])["encoder_hidden_states"]
     cond = family.encode_prompts(components, list(prompts))["encoder_hidden_states"]
-    noise = initial_noise(seeds, (channels, size, size)).to(device, dtype)
-    on_cpu = torch.device(device).type == "cpu"
-    # On a CPU, in chunks of CPU_CHUNK images with the convolutions in channels_last: on a 2-core
-    # machine 13 ms per image against 15-19 ms at 64 images in NCHW (the batches of 64 the callers
-    # pass; at 128, 27-31 ms: the activations leave the caches). The network's 4-D weights are put
-    # back as they were afterwards (the same Parameter objects, which a trainer's optimizer holds).
-    chunk = CPU_CHUNK if on_cpu else len(prompts)
-    images = []
-    with _channels_last(network, enabled=on_cpu):
-        for start in range(0, len(prompts), chunk):
-            part = slice(start, start + chunk)
-            context = torch.cat([uncond.expand(len(cond[part]), -1, -1), cond[part]]).to(device, dtype)
-            latents = noise[part].contiguous(memory_format=torch.channels_last) if on_cpu else noise[part]
-            scheduler.set_timesteps(num_inference_steps)
-            latents = latents * scheduler.init_noise_sigma
-            for t in scheduler.timesteps:
-                model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                noise_uncond, noise_cond = network(model_in, t, encoder_hidden_states=context).sample.chunk(2)
-                guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-                latents = scheduler.step(guided, t, latents).prev_sample
-            images += to_pil(latents)
-    return images
-
-
-CPU_CHUNK = 32
-"""Images per network call of ``sample_pixels`` on a CPU."""
-
-
-@contextlib.contextmanager
-def _channels_last(network: torch.nn.Module, enabled: bool):
-    """``network``'s 4-D parameters in channels_last inside the block, in their own format after."""
-    if not enabled:
-        yield
-        return
-    formats = {p: p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in network.parameters() if p.dim() == 4}
-    network.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for param, was_channels_last in formats.items():
-                if not was_channels_last:
-                    param.data = param.data.contiguous()
+    context = torch.cat([uncond.expand(len(prompts), -1, -1), cond]).to(device, dtype)
+    latents = initial_noise(seeds, (channels, size, size)).to(device, dtype)
+    scheduler.set_timesteps(num_inference_steps)
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        noise_uncond, noise_cond = network(model_in, t, encoder_hidden_states=context).sample.chunk(2)
+        noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        latents = scheduler.step(noise, t, latents).prev_sample
+    return to_pil(latents)

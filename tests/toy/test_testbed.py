@@ -147,36 +147,3 @@ def test_demo_pass_criteria():
     assert pass_checks({**good, "win_rate_ci": [0.5, 0.7]})["win_rate_up"] is False
     assert pass_checks({**good, "faithfulness_tuned": 0.86})["faithfulness_kept"] is False
 
-
-
-def test_cpu_sampling_in_channels_last_chunks_gives_the_same_images_and_leaves_the_network_as_it_was(base, monkeypatch):
-    """sample_pixels on a CPU runs chunks of CPU_CHUNK images with channels_last weights: the images are
-    those of one NCHW batch (to the rounding of a few 8-bit pixel values), independent of the chunking,
-    and the network's parameters come back the same objects, values and memory format."""
-    import contextlib
-
-    import torch
-
-    from diffpo.toy import sampling
-
-    prompts = [p.text for p in all_prompts()[:5]]
-    seeds = [3, 1, 4, 1, 5]
-    network = base.network
-    before = {name: (p, p.detach().clone(), p.is_contiguous()) for name, p in network.named_parameters()}
-
-    def run():
-        return np.stack([np.asarray(im, dtype=np.int16) for im in sampling.sample_pixels(base, network, prompts, seeds, num_inference_steps=4, guidance_scale=3.0)])
-
-    monkeypatch.setattr(sampling, "CPU_CHUNK", 2)  # chunks of 2, 2, 1
-    chunked = run()
-    for name, p in network.named_parameters():
-        param, value, contiguous = before[name]
-        assert p is param and torch.equal(p, value) and p.is_contiguous() == contiguous
-    monkeypatch.setattr(sampling, "CPU_CHUNK", 64)  # one chunk
-    whole = run()
-    monkeypatch.setattr(sampling, "_channels_last", lambda network, enabled: contextlib.nullcontext())  # the NCHW batch
-    reference = run()
-    for images in (chunked, whole):
-        diff = np.abs(images - reference)
-        assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
-    assert chunked.shape == (5, 32, 32, 3) and reference.std() > 10  # real images, not a blank
