@@ -88,6 +88,8 @@ class Case:
         base, *options = recipe.split("+")
         options_ok = base != "public" or not options
         options_ok &= all(o in RECIPE_OPTIONS or (o.startswith("ckpt=") and len(o) > 5) for o in options)
+        if {"static", "catk"} & set(options) and not {"compile", "fullcompile"} & set(options):
+            raise SystemExit(f"--cases: {text!r}: +static and +catk are compile settings: add +compile or +fullcompile")
         if base not in RECIPE_BASES or not options_ok or objective not in OBJECTIVES or mode not in ("full", "lora"):
             raise SystemExit(f"--cases: {text!r}: recipe in {RECIPES} (or +ckpt=BLOCK:BLOCK for selective checkpointing), objective in {OBJECTIVES}, mode full|lora")
         return cls(recipe, objective, mode)
@@ -160,8 +162,8 @@ def _train_config(case: Case):
         train["weight_dtype"] = "bf16"
     if case.adam_8bit_kernel != "bitsandbytes":
         train["adam_8bit_kernel"] = case.adam_8bit_kernel
-    if case.compile_options or case.compile_dynamic is not None:  # (the harness compiles in Setup.compile, after the FLOP count)
-        train.update(compile=case.compile_mode, compile_options=case.compile_options, compile_dynamic=case.compile_dynamic)
+    # (the harness compiles in Setup.compile, after the FLOP count, with these)
+    train.update(compile_options=case.compile_options, compile_dynamic=case.compile_dynamic)
     lora = {"enabled": case.mode == "lora", "rank": LORA_RANK, "alpha": float(LORA_RANK), "target_modules": LORA_TARGETS}
     model = {"pretrained": "benchmark", "lora": lora, "gradient_checkpointing": case.checkpointing}
     return config_from_dict({"model": model, "data": {"source": "benchmark"}, "loss": {"name": "mapo" if case.objective == "unet" else case.objective}, "train": train})

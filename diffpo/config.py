@@ -223,13 +223,13 @@ class TrainConfig:
     ``full`` the whole network (minutes). Same results, faster steps on GPUs."""
     compile_options: dict[str, Any] = field(default_factory=dict)
     """Inductor options for that compilation (``torch.compile(options=...)``, names as in
-    ``torch._inductor.config``), e.g. ``{max_pointwise_cat_inputs: 1}``; they apply to the backward
-    graphs too. Empty: PyTorch's defaults."""
+    ``torch._inductor.config``; nested mappings are dotted names), e.g. ``{max_pointwise_cat_inputs: 1}``;
+    they apply to the backward graphs too. Empty: PyTorch's defaults. Ignored with ``compile: none``."""
     compile_dynamic: bool | None = None
     """torch.compile's ``dynamic``: null, PyTorch's default (a block met at a second shape is
     recompiled with symbolic sizes, one graph for all its shapes); false: one static graph per shape
     (sizes known to every kernel; more graphs to compile, each new batch size compiles again);
-    true: symbolic from the start."""
+    true: symbolic from the start. Ignored with ``compile: none``."""
     compile_cache_dir: str | None = None
     """Where torch.compile keeps its caches (``~`` expands), so that a later run's first step skips
     compilation; null: PyTorch's default, ``/tmp/torchinductor_$USER``, lost on reboot
@@ -268,8 +268,6 @@ class TrainConfig:
             _check(is_identity_key(key), "train.resume_allow_changes", f"{key!r} is not a key of the run identity (those are: {', '.join(IDENTITY_KEYS)}, loss.<hparam>)")
         if self.weight_dtype == "bf16":
             _check(self.mixed_precision == "bf16", "train.weight_dtype", f"bf16 weights need train.mixed_precision=bf16, got {self.mixed_precision!r}")
-        _check(not self.compile_options or self.compile != "none", "train.compile_options", "apply to torch.compile: needs train.compile=regional or full")
-        _check(self.compile_dynamic is None or self.compile != "none", "train.compile_dynamic", "applies to torch.compile: needs train.compile=regional or full")
         if self.adam_8bit_kernel != "bitsandbytes":
             _check(self.use_8bit_adam and self.weight_dtype == "bf16", "train.adam_8bit_kernel", f"{self.adam_8bit_kernel!r} steps the float32 masters of bf16 weights: needs train.use_8bit_adam=true and train.weight_dtype=bf16")
 

@@ -477,14 +477,14 @@ def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[st
     graph, backward included (``train.compile_options``); ``dynamic``: torch.compile's
     (``train.compile_dynamic``). Returns the network.
 
-    Regions compile with torch.compile's default ``dynamic=None``. ``dynamic=False`` (static graphs
-    only) cut a warm first step on a CPU stand-in with SDXL's structure from 12.4 to 8.4 s (Dynamo
-    traces each recompile of a block class with symbolic sizes under the default;
-    benchmarks/WARM_START.md) but is not measured on a GPU, where the warm first step is 21–26 s with
-    the default (BENCHMARKS.md, issue 16), and it costs a full set of new graphs for every further
-    shape a block meets (validation and evaluation batch sizes), where the default compiles one
-    symbolic graph. Switching changes the graphs' cache keys (an existing cache serves 4 of 38
-    lookups, once).
+    ``dynamic`` defaults to torch.compile's ``None``: a block met at a second shape is recompiled with
+    symbolic sizes. ``False`` (static graphs only; ``configs/sdxl_mapo_fast.yaml``) made SDXL's step
+    3.5% faster on an H200 (static kernels, and inductor's channels_last convolutions inside the
+    resnets, which it skips for symbolic shapes) and its warm first step 14 s against 21 s
+    (BENCHMARKS.md, issue 16, static compiled graphs; 12.4 -> 8.4 s on a CPU stand-in,
+    benchmarks/WARM_START.md), but it compiles new graphs for every further shape a block meets
+    (validation and evaluation batch sizes), where the default compiles one symbolic graph.
+    Switching changes the graphs' cache keys (an existing cache serves 4 of 38 lookups, once).
     """
     if mode == "none":
         return network
@@ -496,8 +496,7 @@ def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[st
             setattr(config, name, max(getattr(config, name), floor))
     kwargs: dict = {"dynamic": dynamic} if dynamic is not None else {}
     if options:
-        _check_inductor_options(options)
-        kwargs["options"] = dict(options)
+        kwargs["options"] = inductor_options(options)
     if mode == "full":
         network.compile(**kwargs)
         return network
@@ -512,17 +511,38 @@ def compile_network(network: nn.Module, mode: CompileMode, blocks: Collection[st
     return network
 
 
-def _check_inductor_options(options: dict) -> None:
-    """torch.compile checks the options only when it compiles (the first step); here, at setup, with the key named."""
+def inductor_options(options: dict) -> dict:
+    """``train.compile_options`` as torch.compile takes them: nested mappings flattened to dotted names
+    (``{triton: {cudagraphs: true}}`` is ``triton.cudagraphs``), a whole number given for a float option made
+    a float (YAML reads ``50`` as an int), each name and type checked as torch.compile checks them, but with
+    the key named (torch raises a RuntimeError listing all of its options)."""
+    import typing
+
     from torch._inductor import config
 
+    flat: dict = {}
+
+    def walk(prefix: str, tree: dict) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", options)
     known = config.get_config_copy()
-    for name, value in options.items():
-        if name.replace("-", "_") not in known:
+    checked = {}
+    for name, value in flat.items():
+        attr = name.replace("-", "_")
+        if attr not in known:
             raise ValueError(f"train.compile_options: {name!r} is not an inductor option (torch._inductor.config) of torch {torch.__version__}")
-        current = known[name.replace("-", "_")]
-        if current is not None and not isinstance(current, (dict, list, tuple)) and type(value) is not type(current) and not (isinstance(current, float) and isinstance(value, int)):
-            raise ValueError(f"train.compile_options.{name}: must be {type(current).__name__} like its default {current!r}, got {value!r}")
+        kind = config.get_type(attr)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if typing.get_origin(kind) is None and not isinstance(value, kind):  # torch skips generic types too
+            raise ValueError(f"train.compile_options.{name}: must be {kind.__name__} like its default {known[attr]!r}, got {value!r}")
+        checked[name] = value
+    return checked
 
 
 def compiled_regions(network: nn.Module) -> list[str]:

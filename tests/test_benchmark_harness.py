@@ -72,8 +72,9 @@ def test_catk_and_static_cases_carry_their_compile_settings():
     """``+catk``: the inductor option in the case's config; ``+static``: train.compile_dynamic=false."""
     cases = ("diffpo+compile+c8bit+catk/mapo/full", "diffpo+compile+c8bit/mapo/full", "diffpo+compile+static/mapo/full")
     configs = [train_step._train_config(train_step.Case.parse(text)).train for text in cases]
-    assert [(c.compile, c.compile_options, c.compile_dynamic) for c in configs] == [
-        ("regional", {"max_pointwise_cat_inputs": 1}, None), ("none", {}, None), ("regional", {}, False)]
+    assert [(c.compile_options, c.compile_dynamic) for c in configs] == [({"max_pointwise_cat_inputs": 1}, None), ({}, None), ({}, False)]
+    with pytest.raises(SystemExit, match="compile settings: add \\+compile"):
+        train_step.Case.parse("diffpo+static/mapo/full")
 
 
 def test_fullcompile_cases_compile_the_whole_network_regional_ones_its_blocks():

@@ -724,23 +724,27 @@ def test_compile_options_reach_every_compiled_block_and_the_whole_network(monkey
     assert dynamics and set(dynamics) == {False}
 
 
-def test_compile_options_are_checked_at_setup_with_the_key_named(tmp_path):
-    from diffpo.config import ConfigError, config_from_dict
+def test_compile_options_are_checked_at_setup_with_the_key_named():
+    from diffpo.config import config_from_dict, load_config, parse_overrides
+    from diffpo.fastpath import inductor_options
     from diffpo.tiny import tiny_unet
 
     with pytest.raises(ValueError, match="'max_pointwise_cat_input' is not an inductor option"):
         compile_network(tiny_unet(4, 16), "regional", ("ResnetBlock2D",), {"max_pointwise_cat_input": 1})
     with pytest.raises(ValueError, match=r"train.compile_options.max_pointwise_cat_inputs: must be int like its default 8, got 'one'"):
         compile_network(tiny_unet(4, 16), "regional", ("ResnetBlock2D",), {"max_pointwise_cat_inputs": "one"})
-    with pytest.raises(ConfigError, match="train.compile_options: apply to torch.compile: needs train.compile=regional or full"):
-        config_from_dict({"data": {"source": "x"}, "train": {"compile_options": {"max_pointwise_cat_inputs": 1}}})
-    with pytest.raises(ConfigError, match="train.compile_dynamic: applies to torch.compile"):
-        config_from_dict({"data": {"source": "x"}, "train": {"compile_dynamic": False}})
+    # as torch.compile takes them: a whole number for a float option (YAML's 50), null for an optional
+    # one, nested mappings as dotted names; torch.compile itself accepts the result
+    options = inductor_options({"cpu_gpu_bw": 50, "compile_threads": None, "triton": {"cudagraphs": False}})
+    assert options == {"cpu_gpu_bw": 50.0, "compile_threads": None, "triton.cudagraphs": False} and type(options["cpu_gpu_bw"]) is float
+    torch.compile(torch.nn.Linear(2, 2), options=options)
     # as a command-line override, the option's own dotted key
-    from diffpo.config import parse_overrides
     tree = parse_overrides(["train.compile=regional", "train.compile_options.max_pointwise_cat_inputs=1", "train.compile_dynamic=false"])
     cfg = config_from_dict({"data": {"source": "x"}, **tree})
     assert (cfg.train.compile_options, cfg.train.compile_dynamic) == ({"max_pointwise_cat_inputs": 1}, False)
+    # compile: none ignores them: the fast config still runs uncompiled (the CPU benchmark turns it off)
+    fast = load_config(Path(__file__).resolve().parents[1] / "configs" / "sdxl_mapo_fast.yaml", ["train.compile=none"])
+    assert fast.train.compile == "none" and fast.train.compile_dynamic is False
 
 
 def test_trainer_compiles_with_train_compile_options(tmp_path, pair_dir, model_cache, monkeypatch):

@@ -48,7 +48,7 @@ run_setup() {
 # LEVER_ARGS: compile settings for both trainer runs (the "levers" stage sets it from its own measurements)
 run_cold() { train cold ${COLD_CAP:-320} ${COLD_ARGS:-} ${LEVER_ARGS:-}; }
 run_warm() { train warm ${WARM_CAP:-160} ${WARM_ARGS:-} ${LEVER_ARGS:-}; }
-run_base() { train base ${BASE_CAP:-260} ${BASE_ARGS:-}; }  # the trainer without LEVER_ARGS (the same machine's before)
+run_base() { train base ${BASE_CAP:-260} ${BASE_ARGS-train.compile_dynamic=null}; }  # the trainer without LEVER_ARGS, symbolic sizes (the same machine's before)
 run_levers() {  # compile settings on SDXL's blocks (benchmarks/compile_levers.py); LEVER_ARGS := those that paid
   stage "compile levers"
   timeout $(cap ${LEVERS_CAP:-150}) python3 -m benchmarks.compile_levers --out "$OUT/compile_levers.json" > "$OUT/logs/compile_levers.log" 2>&1

@@ -5,7 +5,7 @@
 #   PART=a (~9.5 min): the levers on SDXL's feed-forward and resnet blocks (LEVER_ARGS := the settings that paid);
 #          setup; `diffpo train` (shipped fast config + LEVER_ARGS) cold; the public recipe in the harness
 #   PART=b (~6 min, same warm machine; pass LEVER_ARGS from part a): `diffpo train` warm with LEVER_ARGS
-#          (profiled at step 8), then the shipped config as it is (the same machine's before, cold)
+#          (profiled at step 8), then the fast config with symbolic sizes (BASE_ARGS: the same machine's before, cold)
 export PAIRS=${PAIRS:-16} RESERVE=${RESERVE:-3}
 case ${PART:-a} in
   a) export BUDGET=${BUDGET:-560} STAGES=${STAGES:-"levers setup cold harness"} COLD_CAP=${COLD_CAP:-290} \
