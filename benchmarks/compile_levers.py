@@ -36,12 +36,44 @@ IMAGES = 8
 FEED_FORWARDS = ((640, 64, 10), (1280, 32, 60))
 # by output channels (17 in all); the benchmark's blocks keep in = out, some of SDXL's take wider inputs
 RESNETS = ((320, 128, 5), (640, 64, 5), (1280, 32, 7))
+# label: (inductor options, dynamic, changes to the block before compiling)
 VARIANTS = {
-    "default": ({}, None),
-    "static": ({}, False),
-    "catk": ({"max_pointwise_cat_inputs": 1}, None),
-    "static+catk": ({"max_pointwise_cat_inputs": 1}, False),
+    "default": ({}, None, ()),
+    "static": ({}, False, ()),
+    "catk": ({"max_pointwise_cat_inputs": 1}, None, ()),
+    "static+catk": ({"max_pointwise_cat_inputs": 1}, False, ()),
+    "static+geglu": ({}, False, ("geglu",)),
+    "static+fp8ff": ({}, False, ("fp8ff",)),
+    "static+fp8ff_row": ({}, False, ("fp8ff_row",)),
+    "static+fp8ff+geglu": ({}, False, ("fp8ff", "geglu")),
+    "static+fp8lin+geglu": ({}, False, ("fp8lin", "geglu")),
 }
+# SDXL's transformer blocks: (channels, latent side, blocks); 64 channels per head, text of 77 x 2048
+TRANSFORMERS = ((640, 64, 10), (1280, 32, 60))
+TOKENS, TEXT_DIM = 77, 2048
+
+
+def _change(block, names: tuple[str, ...]) -> None:
+    """``geglu``: diffpo's one-pass GEGLU backward (``train.fused_geglu``); ``fp8ff`` / ``fp8ff_row``:
+    torchao's float8 training (tensorwise / rowwise scaling) on the feed-forward's two linears;
+    ``fp8lin``: on every linear whose token count is a multiple of 16 (not cross-attention's K/V,
+    8 x 77 tokens)."""
+    for name in names:
+        if name == "geglu":
+            from diffpo.geglu import fuse_geglu
+
+            fuse_geglu(block)
+        elif name.startswith("fp8"):
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+            config = Float8LinearConfig.from_recipe_name("rowwise" if name.endswith("_row") else "tensorwise")
+            if name.startswith("fp8ff"):
+                keep = lambda module, fqn: "ff." in f".{fqn}" or fqn.startswith("net.")  # noqa: E731
+            else:
+                keep = lambda module, fqn: not fqn.endswith(("attn2.to_k", "attn2.to_v"))  # noqa: E731
+            convert_to_float8_training(block, config=config, module_filter_fn=keep)
+        else:
+            raise ValueError(name)
 
 
 def _feed_forward(dim: int, side: int, device):
@@ -50,6 +82,15 @@ def _feed_forward(dim: int, side: int, device):
     block = FeedForward(dim, mult=4, activation_fn="geglu").to(device, torch.bfloat16)
     x = torch.randn(IMAGES, side * side, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     return block, (x,)
+
+
+def _transformer(dim: int, side: int, device):
+    from diffusers.models.attention import BasicTransformerBlock
+
+    block = BasicTransformerBlock(dim, dim // 64, 64, cross_attention_dim=TEXT_DIM, activation_fn="geglu").to(device, torch.bfloat16)
+    x = torch.randn(IMAGES, side * side, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    text = torch.randn(IMAGES, TOKENS, TEXT_DIM, device=device, dtype=torch.bfloat16)
+    return block, (x, None, text)
 
 
 def _resnet(dim: int, side: int, device):
@@ -66,11 +107,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(kind: str, options: dict, dynamic: bool | None, reps: int, device: str = "cuda", scale: int = 1) -> list[dict]:
+def measure(kind: str, options: dict, dynamic: bool | None, reps: int, device: str = "cuda", scale: int = 1, changes: tuple[str, ...] = ()) -> list[dict]:
     """``scale`` > 1 divides channels and sides (a CPU smoke run)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    make, shapes = (_feed_forward, FEED_FORWARDS) if kind == "feed_forward" else (_resnet, RESNETS)
+    make, shapes = {"feed_forward": (_feed_forward, FEED_FORWARDS), "resnet": (_resnet, RESNETS), "transformer": (_transformer, TRANSFORMERS)}[kind]
     shapes = [(dim // scale, side // scale, count) for dim, side, count in shapes]
     kwargs = {"options": options} if options else {}
     if dynamic is not None:
@@ -78,6 +119,7 @@ def measure(kind: str, options: dict, dynamic: bool | None, reps: int, device: s
     built = []
     for dim, side, count in shapes:
         block, inputs = make(dim, side, device)
+        _change(block, changes)
         block.compile(**kwargs)
         built.append((dim, side, count, block, inputs))
 
@@ -129,10 +171,10 @@ def main(argv=None) -> dict:
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     result = {"device": name, "torch": torch.__version__, "rows": [], "sdxl_ms_per_step": {}}
     for label in args.variants.split(","):
-        options, dynamic = VARIANTS[label]
+        options, dynamic, changes = VARIANTS[label]
         for kind in args.blocks.split(","):
             try:
-                rows = measure(kind, options, dynamic, args.reps, args.device, args.scale)
+                rows = measure(kind, options, dynamic, args.reps, args.device, args.scale, changes)
             except Exception as err:  # record and go on: one variant's failure is a result too
                 result["rows"].append({"variant": label, "block": kind, "error": f"{type(err).__name__}: {str(err)[:300]}"})
                 print(label, kind, "failed:", err, flush=True)

@@ -25,7 +25,8 @@ A case is ``RECIPE/OBJECTIVE/MODE``:
   lowers concatenations in the compiled graphs to one buffer that each input writes its part of,
   instead of one masked kernel over the result (``train.compile_options:
   {max_pointwise_cat_inputs: 1}``; GEGLU's backward is such a concatenation); ``+static`` compiles a
-  static graph per shape (``train.compile_dynamic: false``);
+  static graph per shape (``train.compile_dynamic: false``); ``+geglu`` GEGLU's one-pass backward
+  (``train.fused_geglu: true``);
   ``diffpo-fp32`` keeps float32 weights under autocast (what FSDP shards: its own mixed precision
   computes in bf16 from float32 shards).
 - OBJECTIVE: ``sft``, ``diffusion_dpo``, ``mapo``, ``dmpo``, or ``unet`` (the UNet's forward and
@@ -62,7 +63,7 @@ from benchmarks.archs import ARCHS, Arch, build_encoders, build_unet
 OBJECTIVES = ("sft", "diffusion_dpo", "mapo", "dmpo", "unet")
 RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo+compile+8bit", "diffpo+compile+c8bit", "diffpo+fullcompile+8bit", "diffpo-fp32", "diffpo-fp32+ckpt")
 RECIPE_BASES = ("public", "diffpo", "diffpo-fp32")
-RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit", "c8bit", "catk", "static")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
+RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit", "c8bit", "catk", "static", "geglu")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
 DEFAULT_CASES = (
     "public/mapo/full", "public/diffusion_dpo/full",
     "diffpo/sft/full", "diffpo/mapo/full", "diffpo/diffusion_dpo/full", "diffpo/dmpo/full",
@@ -163,7 +164,7 @@ def _train_config(case: Case):
     if case.adam_8bit_kernel != "bitsandbytes":
         train["adam_8bit_kernel"] = case.adam_8bit_kernel
     # (the harness compiles in Setup.compile, after the FLOP count, with these)
-    train.update(compile_options=case.compile_options, compile_dynamic=case.compile_dynamic)
+    train.update(compile_options=case.compile_options, compile_dynamic=case.compile_dynamic, fused_geglu="geglu" in case.recipe.split("+")[1:])
     lora = {"enabled": case.mode == "lora", "rank": LORA_RANK, "alpha": float(LORA_RANK), "target_modules": LORA_TARGETS}
     model = {"pretrained": "benchmark", "lora": lora, "gradient_checkpointing": case.checkpointing}
     return config_from_dict({"model": model, "data": {"source": "benchmark"}, "loss": {"name": "mapo" if case.objective == "unet" else case.objective}, "train": train})

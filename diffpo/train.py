@@ -31,6 +31,7 @@ from diffpo.data.cache import CachedPairDataset, check_meta, collate_cached
 from diffpo.checkpoint import last_checkpoint_note, list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
+from diffpo.geglu import fuse_geglu
 from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer, set_gradient_checkpointing, use_compile_cache
 from diffpo.losses import LossSpec, get_loss
 from diffpo.models import Components, Reference, add_lora, load_components, resolve_family, trainable_parameters
@@ -433,6 +434,9 @@ def make_trainable(components: Components, cfg: Config, spec: LossSpec, device: 
         set_gradient_checkpointing(network, cfg.model.gradient_checkpointing)
     except ValueError as err:  # a module name that is not in this network
         raise TrainingError(str(err)) from None
+    if tc.fused_geglu:
+        fused = fuse_geglu(network)
+        logger.info("train.fused_geglu: %d GEGLU activations with the one-pass backward", len(fused))
     network.train()
     reference = Reference(network, use_lora) if spec.needs_reference else None
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
