@@ -26,7 +26,8 @@ A case is ``RECIPE/OBJECTIVE/MODE``:
   instead of one masked kernel over the result (``train.compile_options:
   {max_pointwise_cat_inputs: 1}``; GEGLU's backward is such a concatenation); ``+static`` compiles a
   static graph per shape (``train.compile_dynamic: false``); ``+geglu`` GEGLU's one-pass backward
-  (``train.fused_geglu: true``);
+  (``train.fused_geglu: true``); ``+cgraph`` replays each compiled graph as a CUDA graph
+  (``train.compile_options: {triton.cudagraphs: true}``, what torch.compile's mode="reduce-overhead" sets);
   ``diffpo-fp32`` keeps float32 weights under autocast (what FSDP shards: its own mixed precision
   computes in bf16 from float32 shards).
 - OBJECTIVE: ``sft``, ``diffusion_dpo``, ``mapo``, ``dmpo``, or ``unet`` (the UNet's forward and
@@ -63,7 +64,7 @@ from benchmarks.archs import ARCHS, Arch, build_encoders, build_unet
 OBJECTIVES = ("sft", "diffusion_dpo", "mapo", "dmpo", "unet")
 RECIPES = ("public", "diffpo", "diffpo+compile", "diffpo+ckpt", "diffpo+compile+ckpt", "diffpo+compile+cl", "diffpo+compile+8bit", "diffpo+compile+c8bit", "diffpo+fullcompile+8bit", "diffpo-fp32", "diffpo-fp32+ckpt")
 RECIPE_BASES = ("public", "diffpo", "diffpo-fp32")
-RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit", "c8bit", "catk", "static", "geglu")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
+RECIPE_OPTIONS = ("compile", "fullcompile", "ckpt", "cl", "8bit", "c8bit", "catk", "static", "geglu", "cgraph")  # and ckpt=BLOCK:BLOCK...: selective checkpointing
 DEFAULT_CASES = (
     "public/mapo/full", "public/diffusion_dpo/full",
     "diffpo/sft/full", "diffpo/mapo/full", "diffpo/diffusion_dpo/full", "diffpo/dmpo/full",
@@ -89,8 +90,8 @@ class Case:
         base, *options = recipe.split("+")
         options_ok = base != "public" or not options
         options_ok &= all(o in RECIPE_OPTIONS or (o.startswith("ckpt=") and len(o) > 5) for o in options)
-        if {"static", "catk"} & set(options) and not {"compile", "fullcompile"} & set(options):
-            raise SystemExit(f"--cases: {text!r}: +static and +catk are compile settings: add +compile or +fullcompile")
+        if {"static", "catk", "cgraph"} & set(options) and not {"compile", "fullcompile"} & set(options):
+            raise SystemExit(f"--cases: {text!r}: +static, +catk and +cgraph are compile settings: add +compile or +fullcompile")
         if base not in RECIPE_BASES or not options_ok or objective not in OBJECTIVES or mode not in ("full", "lora"):
             raise SystemExit(f"--cases: {text!r}: recipe in {RECIPES} (or +ckpt=BLOCK:BLOCK for selective checkpointing), objective in {OBJECTIVES}, mode full|lora")
         return cls(recipe, objective, mode)
@@ -132,8 +133,9 @@ class Case:
 
     @property
     def compile_options(self) -> dict:
-        """``train.compile_options`` of the case (``+catk``)."""
-        return {"max_pointwise_cat_inputs": 1} if "catk" in self.recipe.split("+")[1:] else {}
+        """``train.compile_options`` of the case (``+catk``, ``+cgraph``)."""
+        options = self.recipe.split("+")[1:]
+        return ({"max_pointwise_cat_inputs": 1} if "catk" in options else {}) | ({"triton.cudagraphs": True} if "cgraph" in options else {})
 
     @property
     def compile_dynamic(self) -> bool | None:

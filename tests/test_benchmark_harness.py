@@ -83,6 +83,14 @@ def test_geglu_cases_swap_the_geglu_activations():
     assert [c.fused_geglu for c in configs] == [True, False]
 
 
+def test_cgraph_cases_replay_cuda_graphs_through_an_inductor_option():
+    """``+cgraph``: inductor's ``triton.cudagraphs`` (what mode="reduce-overhead" sets), a compile setting."""
+    config = train_step._train_config(train_step.Case.parse("diffpo+compile+catk+cgraph/mapo/full")).train
+    assert config.compile_options == {"max_pointwise_cat_inputs": 1, "triton.cudagraphs": True}
+    with pytest.raises(SystemExit, match="compile settings: add \\+compile"):
+        train_step.Case.parse("diffpo+cgraph/mapo/full")
+
+
 def test_fullcompile_cases_compile_the_whole_network_regional_ones_its_blocks():
     from benchmarks.archs import ARCHS
 
