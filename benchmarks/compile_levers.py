@@ -87,7 +87,7 @@ def _feed_forward(dim: int, side: int, device):
 def _transformer(dim: int, side: int, device):
     from diffusers.models.attention import BasicTransformerBlock
 
-    block = BasicTransformerBlock(dim, dim // 64, 64, cross_attention_dim=TEXT_DIM, activation_fn="geglu").to(device, torch.bfloat16)
+    block = BasicTransformerBlock(dim, max(1, dim // 64), 64, cross_attention_dim=TEXT_DIM, activation_fn="geglu").to(device, torch.bfloat16)
     x = torch.randn(IMAGES, side * side, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     text = torch.randn(IMAGES, TOKENS, TEXT_DIM, device=device, dtype=torch.bfloat16)
     return block, (x, None, text)

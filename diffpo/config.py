@@ -233,8 +233,8 @@ class TrainConfig:
     fused_geglu: bool = False
     """Swap diffusers' ``GEGLU`` activations (the feed-forwards of SD/SDXL's transformer blocks) for
     ``diffpo.geglu.FusedGEGLU``: the same weights and forward, a backward that writes the projection's
-    gradient in one pass (a Triton kernel on CUDA) instead of inductor's concatenation kernel, ~8 ms
-    less per SDXL step on an H200 (BENCHMARKS.md, issue 16). Networks without GEGLU (SD3, Flux) are
+    gradient in one pass (a Triton kernel on CUDA) instead of inductor's concatenation kernel: 416 ->
+    405 ms per SDXL step on an H200 (BENCHMARKS.md, issue 16). Networks without GEGLU (SD3, Flux) are
     left as they are."""
     compile_cache_dir: str | None = None
     """Where torch.compile keeps its caches (``~`` expands), so that a later run's first step skips

@@ -7,16 +7,17 @@ kernel over ``h``'s shape that reads the inputs of both branches for every eleme
 SDXL profile it took 350 us per block, 4.4 times the forward's kernel for 1.7 times its bytes
 (24.5 ms of a 423 ms step). ``fused_backward`` reads value, gate and the output's gradient once and
 writes both halves of ``dh`` (a hand-written Triton kernel on CUDA; the same arithmetic in torch ops
-elsewhere). The forward stays torch ops, so torch.compile still fuses it with the projection's
-epilogue.
+elsewhere). The forward stays torch ops: under torch.compile the same kernel as before.
 
 Math (exact GELU, as diffusers uses): gelu(g) = g Phi(g), gelu'(g) = Phi(g) + g phi(g), so
-``d value = dout * gelu(gate)`` and ``d gate = dout * value * gelu'(gate)``, in float32 and rounded
-once to the tensors' dtype, as inductor's kernel does.
+``d value = dout * gelu(gate)`` and ``d gate = dout * value * gelu'(gate)``, in float32 (float64 for
+float64 tensors) and rounded once to the tensors' dtype, as inductor's kernel does. Not twice
+differentiable: a second backward through it fails with torch's "no autograd formula" error.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,8 +30,9 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def reference_backward(projected: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """``d projected`` in torch ops (the CPU path, and what the Triton kernel is tested against)."""
-    value, gate = projected.float().chunk(2, dim=-1)
-    grad = grad_out.float()
+    compute = torch.promote_types(projected.dtype, torch.float32)
+    value, gate = projected.to(compute).chunk(2, dim=-1)
+    grad = grad_out.to(compute)
     cdf = 0.5 * (1.0 + torch.erf(gate * _SQRT_HALF))
     pdf = torch.exp(-0.5 * gate * gate) * _INV_SQRT_2PI
     return torch.cat([grad * gate * cdf, grad * value * (cdf + gate * pdf)], dim=-1).to(projected.dtype)
@@ -40,6 +42,8 @@ def _triton_backward(projected: torch.Tensor, grad_out: torch.Tensor, block: int
     from diffpo._geglu_triton import geglu_backward_kernel  # needs Triton: imported on first use
 
     half = grad_out.shape[-1]
+    if projected.numel() == 0:
+        return torch.empty_like(projected, memory_format=torch.contiguous_format)
     rows = grad_out.numel() // half
     projected = projected.contiguous()
     grad_out = grad_out.contiguous()
@@ -54,7 +58,7 @@ def fused_backward(projected: torch.Tensor, grad_out: torch.Tensor) -> torch.Ten
 
     An opaque op to torch.compile: inductor calls it as it is instead of tracing into it (the
     point is to replace inductor's own kernel for this step)."""
-    if projected.device.type == "cuda" and _triton_available():
+    if projected.device.type == "cuda" and projected.dtype != torch.float64 and projected.numel() and _triton_available():
         return _triton_backward(projected, grad_out)
     return reference_backward(projected, grad_out)
 
@@ -64,6 +68,7 @@ def _(projected: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(projected, memory_format=torch.contiguous_format)
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401  (CUDA builds of torch ship it)
@@ -119,3 +124,16 @@ def fuse_geglu(network: nn.Module) -> list[str]:
             setattr(parent, child, FusedGEGLU(module.proj))
             replaced.append(name)
     return replaced
+
+
+def allow_cached_autograd_functions() -> None:
+    """Let torch.compile's AOTAutograd cache keep graphs that hold a custom ``autograd.Function``
+    (``FusedGEGLU``'s). PyTorch bypasses that cache for them by default (``torch._functorch.config.
+    autograd_cache_allow_custom_autograd_functions``), so every run re-traced the transformer blocks'
+    joint graphs: a warm first step of 27.7 s instead of 14.1 on SDXL (BENCHMARKS.md, issue 16).
+    Safe here: the Function's forward and backward are traced into the cached graph, and the custom
+    op they call is looked up at run time. Process-wide; a no-op on PyTorch versions without it."""
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+        functorch_config.autograd_cache_allow_custom_autograd_functions = True

@@ -77,8 +77,9 @@ def test_catk_and_static_cases_carry_their_compile_settings():
         train_step.Case.parse("diffpo+static/mapo/full")
 
 
-def test_geglu_cases_swap_the_geglu_activations():
-    """``+geglu``: train.fused_geglu=true in the case's config (``make_trainable`` then swaps them)."""
+def test_geglu_cases_set_train_fused_geglu():
+    """``+geglu``: train.fused_geglu=true in the case's config (``make_trainable`` then swaps the
+    activations: tests/test_geglu.py)."""
     configs = [train_step._train_config(train_step.Case.parse(text)).train for text in ("diffpo+compile+static+geglu/mapo/full", "diffpo+compile+static/mapo/full")]
     assert [c.fused_geglu for c in configs] == [True, False]
 
