@@ -3,8 +3,7 @@
 diffusers' ``GEGLU`` (the feed-forward activation of every SD/SDXL transformer block) splits one
 projection ``h = x W^T + b`` into value and gate, ``out = value * gelu(gate)``. Autograd's backward
 of that split is a concatenation of the two halves' gradients, and inductor lowers it as one masked
-kernel over ``h``'s shape that reads the inputs of both branches for every element: in issue 16's
-SDXL profile it took 350 us per block, 4.4 times the forward's kernel for 1.7 times its bytes
+kernel over ``h``'s shape: in issue 16's SDXL profile it took 350 us per block, 4.4 times the forward's kernel for 1.7 times its bytes
 (24.5 ms of a 423 ms step). ``fused_backward`` reads value, gate and the output's gradient once and
 writes both halves of ``dh`` (a hand-written Triton kernel on CUDA; the same arithmetic in torch ops
 elsewhere). The forward stays torch ops: under torch.compile the same kernel as before.

@@ -31,8 +31,8 @@ from diffpo.data.cache import CachedPairDataset, check_meta, collate_cached
 from diffpo.checkpoint import last_checkpoint_note, list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
-from diffpo.geglu import allow_cached_autograd_functions, fuse_geglu
 from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer, set_gradient_checkpointing, use_compile_cache
+from diffpo.geglu import allow_cached_autograd_functions, fuse_geglu
 from diffpo.losses import LossSpec, get_loss
 from diffpo.models import Components, Reference, add_lora, load_components, resolve_family, trainable_parameters
 from diffpo.objectives import noise_pairs, per_sample_error, sample_latents, split_pairs

@@ -240,3 +240,36 @@ def test_trainer_with_fused_geglu_trains_the_same_weights(tmp_path, pair_dir, mo
         torch.testing.assert_close(weights_b[key], weights_a[key], rtol=0, atol=2.1e-4)
         differ += int(((weights_b[key] - weights_a[key]).abs() > 1e-6).sum())
     assert differ < 0.01 * sum(w.numel() for w in weights_a.values())
+
+
+@pytest.mark.parametrize("name, swapped", [("sd", True), ("sd2v", True), ("sdxl", True), ("sd3", False), ("flux", False)])
+def test_fuse_geglu_in_every_familys_network(name, swapped):
+    """SD 1.x/2.x and SDXL UNets use GEGLU and get the swap; SD3's and Flux's transformers (tanh GELU
+    feed-forwards) are left exactly as they were."""
+    from diffpo.tiny import tiny_builder
+
+    with torch.random.fork_rng():
+        pipeline = tiny_builder(name)()
+    network = getattr(pipeline, "unet", None) or pipeline.transformer
+    before = [(n, type(m)) for n, m in network.named_modules()]
+    fused = fuse_geglu(network)
+    assert bool(fused) is swapped
+    after = [(n, type(m)) for n, m in network.named_modules()]
+    assert [n for n, t in after if t is FusedGEGLU] == fused
+    if not swapped:
+        assert after == before
+
+
+def test_sdxl_training_with_fused_geglu_matches(tmp_path, pair_dir, model_cache):
+    """The SDXL family end to end (LoRA MaPO, the tiny SDXL): the same losses with and without the swap."""
+    from conftest import read_metrics, tiny_run_config
+
+    from diffpo.train import train
+
+    losses = []
+    for fused in (False, True):
+        out = tmp_path / f"fused_{fused}"
+        train(tiny_run_config(out, pair_dir, pretrained="tiny:sdxl", train={"fused_geglu": fused}), cache_dir=model_cache)
+        losses.append([m["loss"] for m in read_metrics(out)])
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-6)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
