@@ -16,6 +16,9 @@ Two settings of ``train.compile=regional`` that issue 16's profile points at:
   can share a kernel over half the elements. In the profile that backward kernel took 346 us per
   transformer block (24 ms of a 431 ms step), 2.5 times what its bytes need at the forward's rate.
 
+``--blocks transformer`` times SDXL's whole transformer blocks with two more levers (``VARIANTS``):
+``train.fused_geglu`` (diffpo's one-pass GEGLU backward) and torchao's FP8 training on their linears.
+
 Each variant compiles the blocks as the trainer does (one instance per shape, shapes in the UNet's
 order, so the default recompiles with symbolic sizes), then times each shape's forward+backward on
 8 images (4 pairs, both images) at 1024 px (latents 128x128) and lists its top kernels; gradient

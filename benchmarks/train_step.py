@@ -105,14 +105,18 @@ class Case:
         return self.recipe == "public"
 
     @property
+    def options(self) -> list[str]:
+        """The recipe's ``+`` options, e.g. ``["compile", "c8bit"]`` for ``diffpo+compile+c8bit``."""
+        return self.recipe.split("+")[1:]
+
+    @property
     def compiled(self) -> bool:
-        return bool({"compile", "fullcompile"} & set(self.recipe.split("+")[1:]))
+        return bool({"compile", "fullcompile"} & set(self.options))
 
     @property
     def compile_mode(self) -> str:
         """``train.compile`` of the case: none, regional (``+compile``) or full (``+fullcompile``)."""
-        options = self.recipe.split("+")[1:]
-        return "full" if "fullcompile" in options else "regional" if "compile" in options else "none"
+        return "full" if "fullcompile" in self.options else "regional" if "compile" in self.options else "none"
 
     @property
     def bf16_weights(self) -> bool:
@@ -124,31 +128,35 @@ class Case:
 
     @property
     def adam_8bit(self) -> bool:
-        return bool({"8bit", "c8bit"} & set(self.recipe.split("+")[1:]))
+        return bool({"8bit", "c8bit"} & set(self.options))
 
     @property
     def adam_8bit_kernel(self) -> str:
         """``train.adam_8bit_kernel``: ``diffpo`` with ``+c8bit``, else bitsandbytes'."""
-        return "diffpo" if "c8bit" in self.recipe.split("+")[1:] else "bitsandbytes"
+        return "diffpo" if "c8bit" in self.options else "bitsandbytes"
 
     @property
     def compile_options(self) -> dict:
         """``train.compile_options`` of the case (``+catk``, ``+cgraph``)."""
-        options = self.recipe.split("+")[1:]
-        return ({"max_pointwise_cat_inputs": 1} if "catk" in options else {}) | ({"triton.cudagraphs": True} if "cgraph" in options else {})
+        return ({"max_pointwise_cat_inputs": 1} if "catk" in self.options else {}) | ({"triton.cudagraphs": True} if "cgraph" in self.options else {})
 
     @property
     def compile_dynamic(self) -> bool | None:
         """``train.compile_dynamic`` of the case: false with ``+static``, else PyTorch's default."""
-        return False if "static" in self.recipe.split("+")[1:] else None
+        return False if "static" in self.options else None
+
+    @property
+    def fused_geglu(self) -> bool:
+        """``train.fused_geglu`` of the case: true with ``+geglu``."""
+        return "geglu" in self.options
 
     @property
     def checkpointing(self) -> bool | list[str]:
         """True (every block), False, or the blocks that checkpoint (``+ckpt=down_blocks.1:up_blocks.1``)."""
-        for option in self.recipe.split("+")[1:]:
+        for option in self.options:
             if option.startswith("ckpt="):
                 return option[5:].split(":")
-        return self.public or "ckpt" in self.recipe.split("+")[1:]
+        return self.public or "ckpt" in self.options
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +174,7 @@ def _train_config(case: Case):
     if case.adam_8bit_kernel != "bitsandbytes":
         train["adam_8bit_kernel"] = case.adam_8bit_kernel
     # (the harness compiles in Setup.compile, after the FLOP count, with these)
-    train.update(compile_options=case.compile_options, compile_dynamic=case.compile_dynamic, fused_geglu="geglu" in case.recipe.split("+")[1:])
+    train.update(compile_options=case.compile_options, compile_dynamic=case.compile_dynamic, fused_geglu=case.fused_geglu)
     lora = {"enabled": case.mode == "lora", "rank": LORA_RANK, "alpha": float(LORA_RANK), "target_modules": LORA_TARGETS}
     model = {"pretrained": "benchmark", "lora": lora, "gradient_checkpointing": case.checkpointing}
     return config_from_dict({"model": model, "data": {"source": "benchmark"}, "loss": {"name": "mapo" if case.objective == "unet" else case.objective}, "train": train})

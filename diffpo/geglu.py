@@ -57,7 +57,7 @@ def fused_backward(projected: torch.Tensor, grad_out: torch.Tensor) -> torch.Ten
 
     An opaque op to torch.compile: inductor calls it as it is instead of tracing into it (the
     point is to replace inductor's own kernel for this step)."""
-    if projected.device.type == "cuda" and projected.dtype != torch.float64 and projected.numel() and _triton_available():
+    if projected.device.type == "cuda" and projected.dtype != torch.float64 and _triton_available():
         return _triton_backward(projected, grad_out)
     return reference_backward(projected, grad_out)
 
