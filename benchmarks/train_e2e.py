@@ -211,6 +211,15 @@ def _profiling_step_record(step_record, first: int, profiled: dict, out: Path | 
                 sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
                 table.write_text(prof.key_averages().table(sort_by=sort, row_limit=50))
                 profiled["table"] = table.name
+                if device.type == "cuda":  # where the device waited, gap by gap (benchmarks/trace_gaps.py)
+                    from benchmarks.trace_gaps import analyse, load_events
+
+                    trace = out.with_name(out.stem + "_trace.json")
+                    prof.export_chrome_trace(str(trace))
+                    try:
+                        profiled["gaps"] = analyse(load_events(trace))
+                    finally:
+                        trace.unlink()  # hundreds of MB: the gap summary is what comes back
         return record
 
     return wrapped

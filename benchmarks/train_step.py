@@ -445,6 +445,8 @@ def time_by_kind(prof, device: torch.device) -> dict[str, float]:
         ms = (getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0) / 1000 if device.type == "cuda" else event.self_cpu_time_total / 1000
         if ms <= 0 or (device.type == "cuda" and event.device_type.name != "CUDA"):
             continue
+        if getattr(event, "is_user_annotation", False):  # a record_function range (Optimizer.step#...) spans kernels counted on their own
+            continue
         name = event.key.lower()
         kind = next((k for k, words in KINDS if any(w in name for w in words)), "other elementwise")
         totals[kind] = totals.get(kind, 0.0) + ms
