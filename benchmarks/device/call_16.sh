@@ -49,7 +49,7 @@ run_setup() {
 run_cold() { train cold ${COLD_CAP:-320} ${COLD_ARGS:-} ${LEVER_ARGS:-}; }
 run_warm() { train warm ${WARM_CAP:-160} ${WARM_ARGS:-} ${LEVER_ARGS:-}; }
 run_base() { train base ${BASE_CAP:-260} ${BASE_ARGS-train.compile_dynamic=null}; }  # the trainer without LEVER_ARGS, symbolic sizes (the same machine's before)
-run_extra() { train extra ${EXTRA_CAP:-200} ${EXTRA_ARGS:-}; }  # one more trainer run with EXTRA_ARGS (e.g. a lever that recompiles: its own cold start)
+run_extra() { train ${EXTRA_NAME:-extra} ${EXTRA_CAP:-200} ${EXTRA_ARGS:-}; }  # one more trainer run with EXTRA_ARGS (e.g. a lever that recompiles: its own cold start)
 run_levers() {  # compile settings on SDXL's blocks (benchmarks/compile_levers.py); LEVER_ARGS := those that paid
   stage "compile levers"
   timeout $(cap ${LEVERS_CAP:-150}) python3 -m benchmarks.compile_levers --out "$OUT/compile_levers.json" > "$OUT/logs/compile_levers.log" 2>&1
@@ -126,7 +126,7 @@ python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/logs/summary.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever", "e2e_train_base", "e2e_train_extra"):
+for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever", "e2e_train_base", "e2e_train_extra", "e2e_train_copy"):
     path = out / f"{name}.json"
     if path.is_file():
         r = json.loads(path.read_text())
