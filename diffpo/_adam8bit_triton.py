@@ -15,16 +15,13 @@ def _nearest(y, base_ptr, mids_ptr, SMALLEST: tl.constexpr, FIRST: tl.constexpr,
 
 
 @triton.jit
-def adamw8bit_kernel(
-    p_ptr, g_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
-    base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, n_blocks,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, SMALLEST: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr,
+def _update_tile(
+    grad, rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+    base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr,
+    SMALLEST: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr,
 ):
-    # one program: ROWS quantization blocks of BLOCK values, as a ROWS x BLOCK tile
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_blocks
-    offsets = rows.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    ok = row_ok[:, None]
+    # the update of one ROWS x BLOCK tile of the flat bucket (``offsets``) from its float32 gradient;
+    # stores the master, the moments' codes and maxima, and returns the new master
     lr = tl.load(hyper_ptr + 0)
     beta1 = tl.load(hyper_ptr + 1)
     beta2 = tl.load(hyper_ptr + 2)
@@ -35,7 +32,7 @@ def adamw8bit_kernel(
     correction1 = tl.load(hyper_ptr + 7)
     correction2 = tl.load(hyper_ptr + 8)
     scale = tl.load(hyper_ptr + 9)
-    grad = tl.load(g_ptr + offsets, mask=ok, other=0.0).to(tl.float32) * scale
+    grad = grad * scale
     m = tl.load(qmap1_ptr + tl.load(s1_ptr + offsets, mask=ok, other=0).to(tl.int32)) * tl.load(absmax1_ptr + rows, mask=row_ok, other=0.0)[:, None]
     v = tl.load(qmap2_ptr + tl.load(s2_ptr + offsets, mask=ok, other=0).to(tl.int32)) * tl.load(absmax2_ptr + rows, mask=row_ok, other=0.0)[:, None]
     m = m * beta1 + grad * rest1
@@ -52,3 +49,57 @@ def adamw8bit_kernel(
     tl.store(s2_ptr + offsets, _nearest(y2, base2_ptr, mids2_ptr, SMALLEST, FIRST, BUCKETS, SHIFT).to(tl.uint8), mask=ok)
     tl.store(absmax1_ptr + rows, max1, mask=row_ok)
     tl.store(absmax2_ptr + rows, max2, mask=row_ok)
+    return master
+
+
+@triton.jit
+def adamw8bit_kernel(
+    p_ptr, g_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+    base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, n_blocks,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, SMALLEST: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr,
+):
+    # one program: ROWS quantization blocks of BLOCK values, as a ROWS x BLOCK tile
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_blocks
+    offsets = rows.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    ok = row_ok[:, None]
+    grad = tl.load(g_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    _update_tile(
+        grad, rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+        base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, SMALLEST, FIRST, BUCKETS, SHIFT,
+    )
+
+
+@triton.jit
+def adamw8bit_indirect_kernel(
+    p_ptr, member_ptr, first_ptr, numel_ptr, grads_ptr, weights_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+    base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, n_blocks,
+    DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, SMALLEST: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr,
+):
+    # adamw8bit_kernel's update, the gradient read from each member's own tensor and the new master
+    # rounded into its weight (DTYPE: bf16 or fp16), through the members' addresses in grads_ptr and
+    # weights_ptr (0: no gradient, read as zero; no weight to write). A block belongs to one member
+    # (member_ptr); its values past the member's numel are the gap before the next block.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_blocks
+    offsets = rows.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    ok = row_ok[:, None]
+    member = tl.load(member_ptr + rows, mask=row_ok, other=0)
+    local = offsets - tl.load(first_ptr + member)[:, None]
+    valid = ok & (local < tl.load(numel_ptr + member)[:, None])
+    grad_at = tl.load(grads_ptr + member)
+    weight_at = tl.load(weights_ptr + member)
+    grad = tl.load(grad_at.to(tl.pointer_type(DTYPE))[:, None] + local, mask=valid & (grad_at != 0)[:, None], other=0.0).to(tl.float32)
+    master = _update_tile(
+        grad, rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+        base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, SMALLEST, FIRST, BUCKETS, SHIFT,
+    )
+    if DTYPE == tl.bfloat16:
+        # round to nearest even on the float32 bits, as torch rounds float32 to bf16 (Triton's own cast does
+        # on a GPU, but its CPU interpreter truncates: the tests compare the weights bit for bit there)
+        bits = master.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        weight = tl.where(master != master, 0x7FC0, bits).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        weight = master.to(DTYPE)
+    tl.store(weight_at.to(tl.pointer_type(DTYPE))[:, None] + local, weight, mask=valid & (weight_at != 0)[:, None])

@@ -111,10 +111,19 @@ class MasterWeights:
         self.prepare_step()
         try:
             loss = super().step(closure)
+            params, masters = self._weights_to_round()
         finally:
-            self._gradients_taken, self._gradient_scale = False, 1.0
-        torch._foreach_copy_(self.model_params, self.masters)  # round the float32 masters into the weights
+            self._end_step()
+        torch._foreach_copy_(params, masters)  # round the float32 masters into the weights
         return loss
+
+    def _weights_to_round(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The model parameters whose update did not write them itself, and their masters."""
+        return self.model_params, self.masters
+
+    def _end_step(self) -> None:
+        """Forget what ``prepare_step`` took and the gradient scale (after a step, or at ``zero_grad``)."""
+        self._gradients_taken, self._gradient_scale = False, 1.0
 
     def _upcast_gradients(self) -> None:
         """Each model gradient, upcast, becomes its master's ``.grad``; the model's is freed."""
@@ -139,7 +148,7 @@ class MasterWeights:
             elif param.grad is not None:
                 param.grad.zero_()
         super().zero_grad(set_to_none=set_to_none)
-        self._gradients_taken, self._gradient_scale = False, 1.0
+        self._end_step()
 
     def state_dict(self):
         state = super().state_dict()
@@ -177,6 +186,19 @@ class _Bucket:
     members: list[int]
     sizes: list[int]  # the split of ``flat`` into pieces: member, gap, member, ... (gaps may be 0)
     kind: Hashable
+    tables: object = None  # a subclass's, where its update reads the members' own gradients (MasterWeightAdamW8bit)
+    taken: _Taken | None = None  # between prepare_step and step: the gradients the update reads in place
+
+
+@dataclass
+class _Taken:
+    """A bucket's gradients taken in place by ``prepare_step``: its update reads them from the model's
+    own tensors (``update``, with their addresses), and writes the weights of ``written`` itself."""
+
+    update: object
+    addresses: torch.Tensor
+    grads: list  # held until the update is launched: the caching allocator then orders any reuse after it
+    written: list[int]
 
 
 class FlatMasterWeights(MasterWeights):
@@ -238,6 +260,8 @@ class FlatMasterWeights(MasterWeights):
             if all(p.grad is None for p in params):
                 bucket.flat.grad = None
                 continue
+            if self._take_in_place(bucket):
+                continue
             grad = torch.empty_like(bucket.flat)
             pieces = grad.split(bucket.sizes)
             missing = [piece for param, piece in zip(params, pieces[::2]) if param.grad is None]
@@ -250,6 +274,23 @@ class FlatMasterWeights(MasterWeights):
             for param in params:
                 param.grad = None
             bucket.flat.grad = grad
+
+    def _take_in_place(self, bucket: _Bucket) -> bool:
+        """Whether ``bucket``'s update this step reads its members' gradients where they are and writes
+        their weights (``bucket.taken``), rather than from an upcast bucket gradient (here: never)."""
+        return False
+
+    def _weights_to_round(self):
+        written = {index for bucket in self._buckets if bucket.taken is not None for index in bucket.taken.written}
+        if not written:
+            return super()._weights_to_round()
+        unwritten = [i for i in range(len(self.model_params)) if i not in written]
+        return [self.model_params[i] for i in unwritten], [self.masters[i] for i in unwritten]
+
+    def _end_step(self) -> None:
+        super()._end_step()
+        for bucket in self._buckets:
+            bucket.taken = None  # the gradients it held go back to the allocator
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=True)  # a bucket's gradient is built anew at each step
@@ -281,10 +322,21 @@ def _adamw8bit() -> type:
 
         _HOOKS = ("check_overrides", "to_gpu", "init_state", "prefetch_state", "update_step")
 
+        def _runs_own_loop(self) -> bool:
+            """Whether ``step`` runs its own loop (else bitsandbytes' step, with its waits)."""
+            on_default_stream = not torch.cuda.is_available() or torch.cuda.current_stream() == torch.cuda.default_stream()
+            return not self.is_paged and on_default_stream and all(hasattr(self, h) for h in self._HOOKS)
+
+        def _steps_without_grad(self, p) -> bool:
+            """Whether ``p`` is stepped though its ``.grad`` is None (``MasterWeightAdamW8bit``: a bucket
+            whose update reads its members' gradients in place; only this class's own loop asks)."""
+            return False
+
         @torch.no_grad()
         def step(self, closure=None):
-            on_default_stream = not torch.cuda.is_available() or torch.cuda.current_stream() == torch.cuda.default_stream()
-            if self.is_paged or not on_default_stream or not all(hasattr(self, h) for h in self._HOOKS):
+            if not self._runs_own_loop():
+                if any(self._steps_without_grad(p) for group in self.param_groups for p in group["params"]):  # bitsandbytes' loop would skip them
+                    raise RuntimeError("gradients were taken in place for this optimizer's own loop: step on the default stream, as prepare_step ran")
                 return super().step(closure)
             loss = None
             if closure is not None:
@@ -296,7 +348,7 @@ def _adamw8bit() -> type:
                 self.initialized = True
             for gindex, group in enumerate(self.param_groups):
                 for pindex, p in enumerate(group["params"]):
-                    if p.grad is None:
+                    if p.grad is None and not self._steps_without_grad(p):
                         continue
                     if len(self.state[p]) == 0:
                         self.init_state(group, p, gindex, pindex)
@@ -316,7 +368,14 @@ def _master_weight_adamw8bit() -> type:
         moments in 8 bits (blockwise quantized; tensors under ``min_8bit_size`` elements, 4096 by
         default, keep 32-bit moments, in buckets of their own), the masters and the update in
         float32. bitsandbytes' per-parameter overrides (``GlobalOptimManager``) name the network's
-        parameters, not the buckets: they do not apply here."""
+        parameters, not the buckets: they do not apply here.
+
+        With ``kernel="diffpo"`` on a GPU (its Triton kernel), an 8-bit bucket of bf16 (or fp16) weights
+        skips the float32 gradient bucket and the copy back: its update reads each member's own
+        ``.grad`` and rounds the new master into its weight (``adam8bit.triton_indirect_update_``),
+        same masters, moments and weights; ``in_place_8bit = False`` turns this off."""
+
+        in_place_8bit = True
 
         def __init__(self, params, min_8bit_size: int = 4096, kernel: str = "bitsandbytes", **kwargs):
             if kernel not in ADAM_8BIT_KERNELS:
@@ -325,6 +384,45 @@ def _master_weight_adamw8bit() -> type:
             self._triton_update = _bitsandbytes_triton_update() if kernel == "triton" else None
             self._code_tables: dict = {}  # kernel="diffpo": id(qmap) -> (qmap, its nearest_code_tables)
             super().__init__(params, min_8bit_size=min_8bit_size, **kwargs)
+            if kernel == "diffpo":
+                from diffpo import adam8bit
+
+                for bucket in self._buckets:
+                    dtypes = {self.model_params[i].dtype for i in bucket.members}
+                    if bucket.kind == "8bit" and len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}:
+                        bucket.tables = adam8bit.member_tables(bucket.sizes[::2], dtypes.pop(), bucket.flat.device)
+
+        def _take_in_place(self, bucket):
+            """An 8-bit bucket with member tables, where the diffpo update is the Triton kernel: its
+            members' gradients stay where autograd left them (each parameter's ``.grad`` is dropped, the
+            tensor held until the update is launched) and their addresses go to the device now, while
+            it still runs the backward (``prepare_step``). The kernel reads each member in its master's
+            row-major order: a non-contiguous gradient is copied first, and a non-contiguous weight
+            (channels_last) is left to the copy after the step."""
+            from diffpo import adam8bit
+
+            update = bucket.tables is not None and self.in_place_8bit and self._runs_own_loop() and adam8bit.indirect_update_function(bucket.flat.device)
+            if not update:
+                return False
+            grads, addresses, written = [], ([], []), []
+            for index in bucket.members:
+                param = self.model_params[index]
+                grad, param.grad = param.grad, None
+                if grad is not None and not grad.is_contiguous():
+                    grad = grad.contiguous()
+                grads.append(grad)
+                addresses[0].append(0 if grad is None else grad.data_ptr())  # 0: no gradient, stepped as a zero one
+                addresses[1].append(param.data_ptr() if param.is_contiguous() else 0)
+                if param.is_contiguous():
+                    written.append(index)
+            device = bucket.flat.device
+            addresses = torch.tensor(addresses, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+            bucket.flat.grad = None
+            bucket.taken = _Taken(update, addresses, grads, written)
+            return True
+
+        def _steps_without_grad(self, p):
+            return any(bucket.flat is p and bucket.taken is not None for bucket in self._buckets)
 
         def _bucket_kind(self, param):
             return "8bit" if param.numel() >= self._min_8bit_size else "32bit"
@@ -408,9 +506,12 @@ def _master_weight_adamw8bit() -> type:
                 lr=config["lr"], beta1=betas[0], beta2=betas[1], eps=config["eps"], weight_decay=config["weight_decay"],
                 step=state["step"], scale=self._gradient_scale, device=p.device,
             )
-            adam8bit.update_function(p.device)(
-                p, p.grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"], state["qmap1"], state["qmap2"], tables[0], tables[1], hyper
-            )
+            moments = (state["state1"], state["state2"], state["absmax1"], state["absmax2"], state["qmap1"], state["qmap2"], tables[0], tables[1], hyper)
+            (bucket,) = [b for b in self._buckets if b.flat is p]
+            if bucket.taken is not None:  # the gradients read and the weights written in place (_take_in_place)
+                bucket.taken.update(p, bucket.tables, bucket.taken.addresses, *moments)
+            else:
+                adam8bit.update_function(p.device)(p, p.grad, *moments)
 
         def load_state_dict(self, state_dict):
             super().load_state_dict(state_dict)

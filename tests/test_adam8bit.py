@@ -311,3 +311,176 @@ def test_nearest_code_tables_follow_the_qmaps_across_checkpoint_loads():
             expected = nearest_code_tables(qmap)
             assert cached_map is qmap and torch.equal(base, expected[0]) and torch.equal(mids, expected[1])
         assert len(optimizer._code_tables) <= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-place 8-bit buckets: gradients read from each parameter's own .grad, weights written by the kernel
+
+
+def _needs_triton():
+    import os
+
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# awkward members of one 8-bit bucket (min_8bit_size 20): sizes off the 256-block, one-block members that
+# put several members in one 4-row program, a channels_last conv weight; and two under 20 (32-bit bucket)
+_SHAPES = [(70, 30), (33,), (8, 6, 3, 3), (300,), (21,), (7,), (64, 65), (5, 1), (40,)]
+_CONV, _NO_GRAD = 2, 4
+
+
+def _awkward_params(device, dtype=torch.bfloat16) -> list[torch.nn.Parameter]:
+    torch.manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(shape, device=device).to(dtype)) for shape in _SHAPES]
+    params[_CONV].data = params[_CONV].data.contiguous(memory_format=torch.channels_last)
+    return params
+
+
+def _awkward_grads(params, step: int) -> None:
+    """Step ``step``'s gradients; none for one parameter (stepped with a zero gradient); the conv
+    weight's in its own channels_last layout at even steps, row-major at odd ones."""
+    generator = torch.Generator().manual_seed(100 + step)
+    for index, param in enumerate(params):
+        grad = (1e-2 * torch.randn(param.shape, generator=generator)).to(param.device, param.dtype)
+        param.grad = None if index == _NO_GRAD else grad.contiguous(memory_format=torch.channels_last) if index == _CONV and step % 2 == 0 else grad
+
+
+def _awkward_optimizer(monkeypatch, in_place: bool, device, dtype=torch.bfloat16):
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    monkeypatch.setattr(adam8bit, "update_function", lambda device: adam8bit.triton_update_)  # Triton's interpreter on a CPU too
+    cls = type("Optimizer", (MasterWeightAdamW8bit,), {"in_place_8bit": in_place})
+    return cls(_awkward_params(device, dtype), kernel="diffpo", min_8bit_size=20, lr=1e-2, weight_decay=0.1)
+
+
+def _assert_same_optimizers(a, b) -> None:
+    for x, y in zip(a.masters, b.masters):
+        assert torch.equal(x, y)
+    for x, y in zip(a.model_params, b.model_params):
+        assert torch.equal(x, y) and x.stride() == y.stride() and x.grad is None and y.grad is None
+    for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+        assert a.state[p].keys() == b.state[q].keys()
+        for key, value in a.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b.state[q][key])), key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_in_place_8bit_bucket_is_the_upcast_path_bit_for_bit(monkeypatch, dtype):
+    """The in-place update of an 8-bit bucket (its kernel reads each member's bf16 ``.grad`` and
+    writes its bf16 weight) against the upcast path (float32 gradient bucket, the same kernel, the
+    masters copied into the weights), over 3 steps with a gradient scale: the same masters, moments,
+    block maxima and weights, bit for bit, for bf16 (the trainer's) and fp16 weights; a parameter without a gradient, a channels_last weight
+    with either layout of gradient included. No float32 gradient is made for that bucket; the 32-bit
+    bucket's is, as before."""
+    device = _needs_triton()
+    in_place, upcast = (_awkward_optimizer(monkeypatch, flag, device, dtype) for flag in (True, False))
+    launches = []
+    real = adam8bit.triton_indirect_update_
+    monkeypatch.setattr(adam8bit, "triton_indirect_update_", lambda p, *a, **k: launches.append(p.numel()) or real(p, *a, **k))
+    eight_bit, small = in_place._buckets
+    assert (eight_bit.kind, small.kind) == ("8bit", "32bit") and eight_bit.members == [0, 1, 2, 3, 4, 6, 8]
+    assert eight_bit.flat.numel() // 256 % 4  # a partial last program of 4 rows
+    for step in range(3):
+        for optimizer in (in_place, upcast):
+            _awkward_grads(optimizer.model_params, step)
+            optimizer.set_gradient_scale(0.7)
+            optimizer.prepare_step()
+        assert eight_bit.flat.grad is None and eight_bit.taken is not None and all(p.grad is None for p in in_place.model_params)
+        assert small.flat.grad.dtype == torch.float32 and upcast._buckets[0].flat.grad.dtype == torch.float32
+        in_place.step()
+        upcast.step()
+        assert eight_bit.taken is None  # the gradients it held are released
+        _assert_same_optimizers(in_place, upcast)
+    assert launches == [eight_bit.flat.numel()] * 3
+    conv = in_place.model_params[_CONV]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and torch.equal(conv, in_place.masters[_CONV].to(dtype))
+    assert all(torch.equal(p, m.to(dtype)) for p, m in zip(in_place.model_params, in_place.masters))
+    _awkward_grads(in_place.model_params, 3)
+    in_place.prepare_step()
+    monkeypatch.setattr(type(in_place), "_runs_own_loop", lambda self: False)  # e.g. stepped on another stream
+    with pytest.raises(RuntimeError, match="default stream"):  # bitsandbytes' loop would skip the bucket
+        in_place.step()
+
+
+def test_in_place_8bit_checkpoints_are_the_upcast_paths(monkeypatch):
+    """The state is the upcast path's, so checkpoints go both ways: a state saved under one loads under
+    the other and the next steps are bit for bit those of an uninterrupted run."""
+    device = _needs_triton()
+    runs = {flag: _awkward_optimizer(monkeypatch, flag, device) for flag in (True, False)}
+    for step in range(2):
+        for optimizer in runs.values():
+            _awkward_grads(optimizer.model_params, step)
+            optimizer.step()
+    for source, target in [(True, False), (False, True), (True, True)]:
+        saved = io.BytesIO()
+        torch.save(runs[source].state_dict(), saved)
+        saved.seek(0)
+        resumed = _awkward_optimizer(monkeypatch, target, device)
+        resumed.load_state_dict(torch.load(saved, weights_only=False))
+        _assert_same_optimizers(resumed, runs[target])
+        reference = _awkward_optimizer(monkeypatch, target, device)
+        reference.load_state_dict(runs[target].state_dict())
+        for optimizer in (resumed, reference):
+            _awkward_grads(optimizer.model_params, 2)
+            optimizer.set_gradient_scale(0.5)
+            optimizer.step()
+        _assert_same_optimizers(resumed, reference)
+
+
+def test_member_tables_place_every_block_of_the_flat_buckets():
+    """Without Triton: with ``kernel="diffpo"`` each 8-bit bucket of bf16 weights gets its member tables
+    (a block's member, each member's offset and size: where its master sits in the flat bucket); the
+    32-bit bucket none; on a CPU the step keeps the upcast path (the compiled update) and takes nothing
+    in place; the channels_last weight's master is row-major, its moments in the upcast path's order."""
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    optimizer = MasterWeightAdamW8bit(_awkward_params("cpu"), kernel="diffpo", min_8bit_size=20, lr=1e-2)
+    eight_bit, small = optimizer._buckets
+    assert small.tables is None and eight_bit.tables.dtype == torch.bfloat16
+    members, first, numel, _ = eight_bit.tables
+    assert members.dtype == torch.int32 and members.numel() * 256 == eight_bit.flat.numel()
+    for position, index in enumerate(eight_bit.members):
+        master = optimizer.masters[index]
+        offset = (master.data_ptr() - eight_bit.flat.data_ptr()) // 4
+        assert (first[position], numel[position]) == (offset, master.numel()) and master.is_contiguous()
+        assert (members[offset // 256 : -(-(offset + master.numel()) // 256)] == position).all()
+    assert MasterWeightAdamW8bit(_awkward_params("cpu"), min_8bit_size=20, lr=1e-2)._buckets[0].tables is None  # bitsandbytes' kernel
+    assert adam8bit.indirect_update_function("cpu") is None
+    _awkward_grads(optimizer.model_params, 0)
+    optimizer.prepare_step()
+    assert eight_bit.taken is None and eight_bit.flat.grad.dtype == torch.float32
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        adam8bit.member_tables([300], torch.float32, "cpu")
+
+
+def test_trainer_in_place_8bit_buckets_give_the_same_run(tmp_path, pair_dir, model_cache, monkeypatch):
+    """``train.adam_8bit_kernel=diffpo`` through ``diffpo train`` with its Triton kernel (channels_last
+    weights, clipping inside the update): the run with the 8-bit buckets updated in place has the
+    same losses, norms and saved weights, bit for bit, as the run through the upcast path."""
+    from conftest import read_metrics, tiny_run_config
+    from safetensors.torch import load_file
+
+    from diffpo.fastpath import MasterWeightAdamW8bit
+    from diffpo.train import train
+
+    _needs_triton()
+    monkeypatch.setattr(adam8bit, "update_function", lambda device: adam8bit.triton_update_)
+    launches = []
+    real = adam8bit.triton_indirect_update_
+    monkeypatch.setattr(adam8bit, "triton_indirect_update_", lambda *a, **k: launches.append(1) or real(*a, **k))
+    fast = {"mixed_precision": "bf16", "weight_dtype": "bf16", "use_8bit_adam": True, "adam_8bit_kernel": "diffpo", "adam_8bit_min_size": 1024,
+            "channels_last": True, "max_steps": 3, "checkpoint_every": 3, "learning_rate": 1e-3, "max_grad_norm": 0.05}
+    runs = {}
+    for in_place in (True, False):
+        launches.clear()
+        monkeypatch.setattr(MasterWeightAdamW8bit, "in_place_8bit", in_place)
+        runs[in_place] = tmp_path / f"in_place_{in_place}"
+        train(tiny_run_config(runs[in_place], pair_dir, model={"lora": {"enabled": False}}, train=fast), cache_dir=model_cache)
+        assert len(launches) == (3 if in_place else 0)  # one 8-bit bucket, each step
+    metrics = {key: [{k: v for k, v in m.items() if not k.endswith("seconds")} for m in read_metrics(run)] for key, run in runs.items()}
+    assert len(metrics[True]) == 3 and metrics[True] == metrics[False]
+    weights = {key: load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors") for key, run in runs.items()}
+    assert weights[True].keys() == weights[False].keys() and all(torch.equal(v, weights[False][k]) for k, v in weights[True].items())
