@@ -113,6 +113,14 @@ run_kern() {  # diffpo's 8-bit kernels' GPU tests (they skip in CI), then one bu
   timeout $(cap ${KERN_CAP:-120}) python3 -m benchmarks.adam8bit_kernel ${KERN_ARGS:-} --out "$OUT/adam8bit_kernel.json" > "$OUT/logs/adam8bit_kernel.log" 2>&1
   stage "adam8bit kernels rc=$?"
 }
+run_inplacetest() {  # the in-place 8-bit update's bit-for-bit tests (they skip in CI) before any number of it counts;
+  # if they fail, the trainer runs take the copy path (--copy-path) and the harness only the public recipe
+  stage "in-place 8-bit tests"
+  timeout $(cap 90) python3 -m pytest -q -x -p no:cacheprovider tests/test_adam8bit.py -k "in_place or triton_kernel or member_tables" > "$OUT/logs/inplace_test.log" 2>&1
+  local rc=$?
+  stage "in-place 8-bit tests rc=$rc"
+  if [ $rc -ne 0 ]; then COLD_ARGS="${COLD_ARGS:-} --copy-path"; WARM_ARGS="${WARM_ARGS:-} --copy-path"; CASES=public/mapo/full; stage "in-place failed: copy path"; fi
+}
 run_fp16() {  # the one trainer guard that runs on a GPU only
   if [ "$(left)" -gt 40 ]; then
     stage fp16 test
