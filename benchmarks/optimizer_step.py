@@ -15,6 +15,9 @@ fast path in turn (one in memory at a time):
 - ``8bit-flat-diffpo`` (``train.adam_8bit_kernel=diffpo``): the flat buckets' 8-bit update by
   diffpo's own (``diffpo.adam8bit``: the same state and rule, a Triton kernel on a GPU and torch.compile
   elsewhere, each moment rounded to its nearest code by two table lookups); its first step compiles it;
+- ``8bit-flat-diffpo-copy``: the same through the float32 gradient bucket and the copy back into the
+  bf16 weights (``in_place_8bit = False``); ``8bit-flat-diffpo`` reads each bf16 gradient and writes each
+  weight in place on a GPU (``adam8bit.triton_indirect_update_``), the same path elsewhere;
 - ``8bit-flat-triton`` (CUDA with Triton only; ``train.adam_8bit_kernel=triton``): the flat buckets'
   8-bit update by bitsandbytes' Triton kernel (``bitsandbytes.backends.triton``, written for Intel GPUs,
   plain Triton) instead of its CUDA one, a candidate for the 72 ms the CUDA kernel takes per SDXL
@@ -77,6 +80,19 @@ def _triton_8bit():
     except Exception:  # no Triton (CPU-only torch), a bitsandbytes without the module, a broken Triton
         return None
     return functools.partial(MasterWeightAdamW8bit, kernel="triton")
+
+
+def _copy_path(make):
+    """``make`` (a ``MasterWeightAdamW8bit`` factory) with ``in_place_8bit = False``: the diffpo
+    kernel's 8-bit buckets through the float32 gradient bucket and the copy back, as before the
+    in-place update."""
+
+    def build(*args, **kwargs):
+        optimizer = make(*args, **kwargs)
+        optimizer.in_place_8bit = False
+        return optimizer
+
+    return build
 
 
 def _two_steps(cls, params, grads, lr: float = 1e-4) -> list[torch.Tensor]:
@@ -162,6 +178,7 @@ def main(argv=None) -> dict:
     kinds += [(f"8bit-flat-min{int(n)}", _optimizers()["8bit-flat"], {"min_8bit_size": int(n)}) for n in args.min_sizes.split(",") if n.strip()]
     diffpo_8bit = functools.partial(_optimizers()["8bit-flat"], kernel="diffpo")
     kinds.append(("8bit-flat-diffpo", diffpo_8bit, {}))
+    kinds.append(("8bit-flat-diffpo-copy", _copy_path(diffpo_8bit), {}))
     compared = {"8bit-flat": _optimizers()["8bit-flat"], "8bit-flat-diffpo": diffpo_8bit}
     triton_8bit = _triton_8bit() if device.type == "cuda" else None
     if triton_8bit is not None:

@@ -33,6 +33,13 @@ from typing import NamedTuple
 import torch
 
 BLOCK = 256  # bitsandbytes' block of values sharing one float32 maximum
+# No multiply-add contraction in the Triton kernels: where the compiler fuses a * b + c into one FMA
+# is its choice per kernel, so the two kernels (``triton_update_`` and ``triton_indirect_update_``)
+# could round the same update differently. On an H200 the in-place kernel's masters differed from
+# the upcast path's with contraction on (session 11's GPU test run); unfused, every operation rounds
+# once, as in the torch reference. The kernels are memory-bound: the unfused arithmetic costs nothing
+# measurable there.
+FP_FUSION = False
 
 # A normalized moment y in [-1, 1] finds its code through a table indexed by the top bits of |y|'s
 # float32 representation: its exponent and ``_MANTISSA_BITS`` leading mantissa bits (``_bucket``).
@@ -168,7 +175,7 @@ def triton_update_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1
     blocks = p.numel() // BLOCK
     adamw8bit_kernel[(-(-blocks // rows),)](
         p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1[0], tables1[1], tables2[0], tables2[1], hyper, blocks,
-        BLOCK=BLOCK, ROWS=rows, SMALLEST=_SMALLEST, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, num_warps=num_warps,
+        BLOCK=BLOCK, ROWS=rows, SMALLEST=_SMALLEST, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -218,7 +225,7 @@ def triton_indirect_update_(p, members: MemberTables, addresses, state1, state2,
         p, members.member, members.first, members.numel, addresses[0], addresses[1], state1, state2, absmax1, absmax2, qmap1, qmap2,
         tables1[0], tables1[1], tables2[0], tables2[1], hyper, blocks,
         DTYPE=tl.bfloat16 if members.dtype == torch.bfloat16 else tl.float16,
-        BLOCK=BLOCK, ROWS=rows, SMALLEST=_SMALLEST, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, num_warps=num_warps,
+        BLOCK=BLOCK, ROWS=rows, SMALLEST=_SMALLEST, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
 
 
