@@ -36,9 +36,10 @@ BLOCK = 256  # bitsandbytes' block of values sharing one float32 maximum
 # No multiply-add contraction in the Triton kernels: where the compiler fuses a * b + c into one FMA
 # is its choice per kernel, so the two kernels (``triton_update_`` and ``triton_indirect_update_``)
 # could round the same update differently. On an H200 the in-place kernel's masters differed from
-# the upcast path's with contraction on (session 11's GPU test run); unfused, every operation rounds
-# once, as in the torch reference. The kernels are memory-bound: the unfused arithmetic costs nothing
-# measurable there.
+# the upcast path's in the last bits with contraction on, and were equal bit for bit with it off
+# (tests/test_adam8bit.py's in-place tests: 4 failed and 6 passed, BENCHMARKS.md, issue 16). Unfused,
+# every operation rounds once, as in the torch reference. The kernels are memory-bound: the unfused
+# arithmetic should cost nothing measurable there (the optimizer step alone was 34.4 ms with it off).
 FP_FUSION = False
 
 # A normalized moment y in [-1, 1] finds its code through a table indexed by the top bits of |y|'s
@@ -210,8 +211,10 @@ def triton_indirect_update_(p, members: MemberTables, addresses, state1, state2,
     Why: the flat path first upcasts every gradient into a float32 bucket (a cast-copy per bucket) and
     after the update copies every master into its weight: for SDXL's 2.6B parameters ~31 GB of memory
     traffic per step, which issue 16's profile put at ~9 ms of a ~405 ms step on an H200 (the foreach
-    copies: 8.9 ms). Reading and writing the bf16 tensors in place removes both; the gain is to be
-    measured on the GPU."""
+    copies: 8.9 ms), and a host-bound loop over the tensors that the device waited for. Reading and
+    writing the bf16 tensors in place removes both: SDXL's optimizer step alone on an H200 took 34.4 ms
+    against 39.4 (medians of 10; host time 11.5 against 20.8 ms; ``python -m benchmarks.optimizer_step``);
+    end to end not measured yet (BENCHMARKS.md, issue 16)."""
     blocks = p.numel() // BLOCK
     if p.numel() % BLOCK or p.dtype != torch.float32 or members.member.numel() != blocks:
         raise ValueError(f"p must be float32 with a multiple of {BLOCK} values, one entry of members.member per block")
