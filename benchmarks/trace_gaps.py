@@ -9,7 +9,9 @@ after it and, for the work after it, the host-side operator stack that launched 
 call's enclosing ``cpu_op`` / ``user_annotation`` / ``python_function`` events on its thread) and
 any synchronizing runtime call (``cudaStreamSynchronize``, ``cudaMemcpy``, ...) that ran during the
 gap. Gaps are grouped by the outermost named host region around the launch (e.g. ``Optimizer.step``)
-so that a step's idle time adds up by cause.
+so that a step's idle time adds up by cause; a gap whose work was launched before it began waited on
+the device itself (an event, a copy), and is grouped as such. ``syncs_during`` lists the blocking
+host calls and ``cudaMemcpyAsync`` (blocking from pageable memory) that overlap the gap.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import numpy as np
 
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_CATS = ("cpu_op", "user_annotation", "python_function")
-SYNC_CALLS = ("Synchronize", "cudaMemcpy ", "cudaMemcpy", "cudaEventSynchronize", "cudaStreamWaitEvent")
+# host calls that block until the device (or a copy) is done; cudaMemcpyAsync from pageable memory
+# blocks the host too but is listed as itself, a device-side wait (cudaStreamWaitEvent) not at all
+SYNC_CALLS = frozenset({
+    "cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+    "cuCtxSynchronize", "cuStreamSynchronize", "cuEventSynchronize", "cuMemcpy",
+})
+QUEUED = "(queued before the gap: a device-side wait)"
 
 
 def load_events(path: Path) -> list[dict]:
@@ -55,15 +63,16 @@ class _HostEvents:
         self.starts = np.array([float(e["ts"]) for e in self.events])
         self.ends = self.starts + np.array([float(e.get("dur", 0)) for e in self.events])
 
-    def stack(self, ts: float) -> list[str]:
-        """Names of the events that enclose ``ts``, outermost first."""
-        return [self.events[i]["name"] for i in np.flatnonzero((self.starts <= ts) & (self.ends >= ts))]
+    def stack(self, ts: float) -> list[tuple[str, str]]:
+        """(name, category) of the events that enclose ``ts``, outermost first."""
+        return [(self.events[i]["name"], self.events[i]["cat"]) for i in np.flatnonzero((self.starts <= ts) & (self.ends >= ts))]
 
 
-def _region(stack: list[str]) -> str:
-    """A gap's cause for grouping: the outermost annotation or operator that is not the profiler's own."""
-    for name in stack:
-        if not name.startswith(("ProfilerStep", "## ")) and "profiler" not in name.lower():
+def _region(stack: list[tuple[str, str]]) -> str:
+    """A gap's cause for grouping: the outermost operator or annotation (not a Python frame, which
+    with ``with_stack`` would put every gap under the script's top frame) that is not the profiler's own."""
+    for name, cat in stack:
+        if cat != "python_function" and not name.startswith(("ProfilerStep", "## ")) and "profiler" not in name.lower():
             return name
     return "(no host op)"
 
@@ -88,7 +97,7 @@ def analyse(events: list[dict], *, min_us: float = 20.0, top: int = 25) -> dict:
     start_times = [float(e["ts"]) for e in by_start]
     by_end = sorted(device, key=lambda e: float(e["ts"]) + float(e.get("dur", 0)))
     end_times = [float(e["ts"]) + float(e.get("dur", 0)) for e in by_end]
-    syncing = [e for e in runtime if any(s in e["name"] for s in SYNC_CALLS)]
+    syncing = [e for e in runtime if e["name"] in SYNC_CALLS or e["name"] == "cudaMemcpyAsync"]
     gaps = []
     for (_, gap_start), (gap_end, _) in zip(busy, busy[1:]):
         if gap_end - gap_start < min_us:
@@ -100,11 +109,13 @@ def analyse(events: list[dict], *, min_us: float = 20.0, top: int = 25) -> dict:
         launch = launch_of.get((after or {}).get("args", {}).get("correlation"))
         stack = host[launch.get("tid")].stack(float(launch["ts"])) if launch and launch.get("tid") in host else []
         syncs = sorted({e["name"] for e in syncing if float(e["ts"]) < gap_end and float(e["ts"]) + float(e.get("dur", 0)) > gap_start})
+        # work launched before the gap began was waiting on the device (an event, a copy), not on the host
+        queued = launch is not None and float(launch["ts"]) + float(launch.get("dur", 0)) <= gap_start
         gaps.append({
             "start_us": round(gap_start - busy[0][0], 1), "idle_us": round(gap_end - gap_start, 1),
             "before": before["name"][:90] if before else None, "after": after["name"][:90] if after else None,
             "launch": launch["name"] if launch else None, "launch_lag_us": round(gap_end - float(launch["ts"]), 1) if launch else None,
-            "host_stack": stack[-6:], "region": _region(stack), "syncs_during": syncs,
+            "host_stack": [name for name, _ in stack][-6:], "region": QUEUED if queued else _region(stack), "syncs_during": syncs,
         })
     by_region: dict[str, float] = defaultdict(float)
     for g in gaps:

@@ -222,7 +222,7 @@ def _profiling_step_record(step_record, first: int, profiled: dict, out: Path | 
                     trace = out.with_name(out.stem + "_trace.json")
                     prof.export_chrome_trace(str(trace))
                     try:
-                        profiled["gaps"] = analyse(load_events(trace))
+                        profiled["gaps"] = {"over_steps": 2, **analyse(load_events(trace))}  # both profiled steps, not per step
                     finally:
                         trace.unlink()  # hundreds of MB: the gap summary is what comes back
         return record

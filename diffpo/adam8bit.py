@@ -33,14 +33,14 @@ from typing import NamedTuple
 import torch
 
 BLOCK = 256  # bitsandbytes' block of values sharing one float32 maximum
-# No multiply-add contraction in the Triton kernels: where the compiler fuses a * b + c into one FMA
-# is its choice per kernel, so the two kernels (``triton_update_`` and ``triton_indirect_update_``)
-# could round the same update differently. On an H200 the in-place kernel's masters differed from
-# the upcast path's in the last bits with contraction on, and were equal bit for bit with it off
-# (tests/test_adam8bit.py's in-place tests: 4 failed and 6 passed, BENCHMARKS.md, issue 16). Unfused,
-# every operation rounds once, as in the torch reference. The kernels are memory-bound: the unfused
-# arithmetic should cost nothing measurable there (the optimizer step alone was 34.4 ms with it off).
-FP_FUSION = False
+# Whether the Triton kernels let the compiler contract a * b + c into fused multiply-adds (Triton's
+# ``enable_fp_fusion``; its default, and what every GPU timing of these kernels ran with). Where it
+# contracts is its choice per kernel, so ``triton_update_`` and ``triton_indirect_update_`` can round
+# the same update differently in the last bits: on an H200 the in-place tests comparing the two bit
+# for bit failed with it on (4 failed) and passed with it off (6 passed; BENCHMARKS.md, issue 16).
+# The tests turn it off to compare the two paths' logic exactly; training keeps it on (both roundings
+# are equally valid: Triton's float32 division and square root are not correctly rounded either).
+FP_FUSION = True
 
 # A normalized moment y in [-1, 1] finds its code through a table indexed by the top bits of |y|'s
 # float32 representation: its exponent and ``_MANTISSA_BITS`` leading mantissa bits (``_bucket``).
@@ -213,8 +213,9 @@ def triton_indirect_update_(p, members: MemberTables, addresses, state1, state2,
     traffic per step, which issue 16's profile put at ~9 ms of a ~405 ms step on an H200 (the foreach
     copies: 8.9 ms), and a host-bound loop over the tensors that the device waited for. Reading and
     writing the bf16 tensors in place removes both: SDXL's optimizer step alone on an H200 took 34.4 ms
-    against 39.4 (medians of 10; host time 11.5 against 20.8 ms; ``python -m benchmarks.optimizer_step``);
-    end to end not measured yet (BENCHMARKS.md, issue 16)."""
+    of wall time against 39.4 (medians of 10 with overlapping ranges, both kernels without multiply-add
+    contraction) and 11.5 ms of host time against 20.8 (``python -m benchmarks.optimizer_step``); end to
+    end not measured yet (BENCHMARKS.md, issue 16)."""
     blocks = p.numel() // BLOCK
     if p.numel() % BLOCK or p.dtype != torch.float32 or members.member.numel() != blocks:
         raise ValueError(f"p must be float32 with a multiple of {BLOCK} values, one entry of members.member per block")

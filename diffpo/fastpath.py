@@ -398,11 +398,14 @@ def _master_weight_adamw8bit() -> type:
             tensor held until the update is launched) and their addresses go to the device now, while
             it still runs the backward (``prepare_step``). The kernel reads each member in its master's
             row-major order: a non-contiguous gradient is copied first, and a non-contiguous weight
-            (channels_last) is left to the copy after the step."""
+            (channels_last) is left to the copy after the step. The kernel reads and writes raw
+            addresses with the dtype its tables were built for: a member whose weight or gradient no
+            longer has that dtype, device or size (cast after the optimizer was built) sends the bucket
+            through the upcast path, which casts (raw writes also leave ``param._version`` as it was)."""
             from diffpo import adam8bit
 
             update = bucket.tables is not None and self.in_place_8bit and self._runs_own_loop() and adam8bit.indirect_update_function(bucket.flat.device)
-            if not update:
+            if not update or not self._members_match_tables(bucket):
                 return False
             grads, addresses, written = [], ([], []), []
             for index in bucket.members:
@@ -419,6 +422,18 @@ def _master_weight_adamw8bit() -> type:
             addresses = torch.tensor(addresses, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
             bucket.flat.grad = None
             bucket.taken = _Taken(update, addresses, grads, written)
+            return True
+
+        def _members_match_tables(self, bucket) -> bool:
+            """Whether every member's weight and gradient still has the dtype, device and size ``bucket.tables`` describe."""
+            dtype, device = bucket.tables.dtype, bucket.flat.device
+            for index, numel in zip(bucket.members, bucket.sizes[::2]):
+                param = self.model_params[index]
+                grad = param.grad
+                if param.dtype != dtype or param.device != device or param.numel() != numel:
+                    return False
+                if grad is not None and (grad.dtype != dtype or grad.device != device or grad.shape != param.shape):
+                    return False
             return True
 
         def _steps_without_grad(self, p):

@@ -352,6 +352,7 @@ def _awkward_optimizer(monkeypatch, in_place: bool, device, dtype=torch.bfloat16
     from diffpo.fastpath import MasterWeightAdamW8bit
 
     monkeypatch.setattr(adam8bit, "update_function", lambda device: adam8bit.triton_update_)  # Triton's interpreter on a CPU too
+    monkeypatch.setattr(adam8bit, "FP_FUSION", False)  # both kernels unfused: the same rounding, so the paths compare bit for bit
     cls = type("Optimizer", (MasterWeightAdamW8bit,), {"in_place_8bit": in_place})
     return cls(_awkward_params(device, dtype), kernel="diffpo", min_8bit_size=20, lr=1e-2, weight_decay=0.1)
 
@@ -430,6 +431,47 @@ def test_in_place_8bit_checkpoints_are_the_upcast_paths(monkeypatch):
         _assert_same_optimizers(resumed, reference)
 
 
+def test_a_step_skipped_after_prepare_step_releases_the_gradients_and_the_next_is_the_upcast_paths(monkeypatch):
+    """The trainer takes the gradients before its host sync (``prepare_step``) and may then skip the
+    step (a non-finite loss) and call ``zero_grad``: the in-place bucket lets go of what it took, and
+    the next step is the upcast path's, bit for bit."""
+    device = _needs_triton()
+    in_place, upcast = (_awkward_optimizer(monkeypatch, flag, device) for flag in (True, False))
+    eight_bit = in_place._buckets[0]
+    _awkward_grads(in_place.model_params, 0)
+    in_place.prepare_step()
+    assert eight_bit.taken is not None
+    in_place.zero_grad(set_to_none=True)
+    assert eight_bit.taken is None and all(p.grad is None for p in in_place.model_params)
+    for optimizer in (in_place, upcast):
+        _awkward_grads(optimizer.model_params, 1)
+        optimizer.step()
+    _assert_same_optimizers(in_place, upcast)
+
+
+def test_in_place_bucket_cast_after_building_falls_back_to_the_upcast_path(monkeypatch):
+    """The in-place kernel reads and writes raw addresses in the dtype its tables were built for: a
+    member cast afterwards (here to float32) sends its bucket through the upcast path, which casts,
+    instead of reading float32 bits as bf16. Runs without Triton (the update itself is the eager one)."""
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    optimizer = MasterWeightAdamW8bit(_awkward_params("cpu"), kernel="diffpo", min_8bit_size=20, lr=1e-2)
+    eight_bit = optimizer._buckets[0]
+    monkeypatch.setattr(adam8bit, "update_function", lambda device: adam8bit.adamw8bit_update_)
+    monkeypatch.setattr(adam8bit, "indirect_update_function", lambda device: adam8bit.triton_indirect_update_)  # as on a GPU
+    _awkward_grads(optimizer.model_params, 0)
+    assert optimizer._members_match_tables(eight_bit)
+    first = optimizer.model_params[0]
+    first.data = first.data.float()  # e.g. module.float() after the optimizer was built
+    _awkward_grads(optimizer.model_params, 0)
+    assert not optimizer._members_match_tables(eight_bit)
+    optimizer.prepare_step()
+    assert eight_bit.taken is None and eight_bit.flat.grad.dtype == torch.float32  # the upcast path took them
+    before = optimizer.masters[0].clone()
+    optimizer.step()
+    assert first.dtype == torch.float32 and torch.equal(first, optimizer.masters[0]) and not torch.equal(before, optimizer.masters[0])
+
+
 def test_member_tables_place_every_block_of_the_flat_buckets():
     """Without Triton: with ``kernel="diffpo"`` each 8-bit bucket of bf16 weights gets its member tables
     (a block's member, each member's offset and size: where its master sits in the flat bucket); the
@@ -468,6 +510,7 @@ def test_trainer_in_place_8bit_buckets_give_the_same_run(tmp_path, pair_dir, mod
 
     _needs_triton()
     monkeypatch.setattr(adam8bit, "update_function", lambda device: adam8bit.triton_update_)
+    monkeypatch.setattr(adam8bit, "FP_FUSION", False)  # the two kernels' rounding made equal (adam8bit.FP_FUSION)
     launches = []
     real = adam8bit.triton_indirect_update_
     monkeypatch.setattr(adam8bit, "triton_indirect_update_", lambda *a, **k: launches.append(1) or real(*a, **k))

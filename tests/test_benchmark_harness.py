@@ -140,7 +140,7 @@ def test_optimizer_step_benchmark_times_the_optimizers_and_checks_the_8bit_layou
 
     result = main(["--arch", "tiny-sdxl", "--device", "cpu", "--steps", "1", "--warmup", "1", "--min-sizes", "20000", "--out", str(tmp_path / "o.json")])
     assert result["identical"] is True  # the flat buckets step bit for bit as bitsandbytes per tensor
-    assert [row["optimizer"] for row in result["rows"]] == ["adamw", "8bit-per-tensor", "8bit-flat", "8bit-flat-min20000", "8bit-flat-diffpo"]
+    assert [row["optimizer"] for row in result["rows"]] == ["adamw", "8bit-per-tensor", "8bit-flat", "8bit-flat-min20000", "8bit-flat-diffpo", "8bit-flat-diffpo-copy"]
     errors = result["error_vs_adamw"]  # diffpo's kernel rounds to the nearest code: no farther from float32 AdamW
     assert errors["8bit-flat-diffpo"]["max_lr"] <= errors["8bit-flat"]["max_lr"] and errors["8bit-flat-diffpo"]["mean_lr"] <= errors["8bit-flat"]["mean_lr"]
     only = main(["--arch", "tiny-sdxl", "--device", "cpu", "--steps", "1", "--warmup", "0", "--only", "adamw", "--skip-error"])

@@ -46,6 +46,18 @@ def test_gaps_add_up_and_name_the_launching_host_region(tmp_path):
     assert result["idle_by_region_ms"] == {"Optimizer.step#AdamW.step": pytest.approx(0.030)}
 
 
+def test_python_frames_are_not_a_region_and_queued_work_is_a_device_wait():
+    events = _trace() + [_x("python_function", "train.py(1): <module>", 0, 100)]  # with_stack: the outermost frame
+    assert analyse(events, min_us=10)["largest"][0]["region"] == "Optimizer.step#AdamW.step"
+    events = [dict(e) for e in _trace()]
+    launch = next(e for e in events if e["cat"] == "cuda_runtime" and e["args"].get("correlation") == 3)
+    launch["ts"] = 12  # launched while the device was busy: the gap was a device-side wait (an event, a copy)
+    gap = analyse(events, min_us=10)["largest"][0]
+    assert gap["region"].startswith("(queued before the gap") and gap["syncs_during"] == ["cudaStreamSynchronize"]
+    events.append(_x("cuda_runtime", "cudaStreamWaitEvent", 25, 1))  # a device-side wait is not a host sync
+    assert analyse(events, min_us=10)["largest"][0]["syncs_during"] == ["cudaStreamSynchronize"]
+
+
 def test_reads_gzipped_traces_and_refuses_one_without_device_events(tmp_path, capsys):
     path = tmp_path / "t.json.gz"
     with gzip.open(path, "wt") as f:
