@@ -405,35 +405,28 @@ def _master_weight_adamw8bit() -> type:
             from diffpo import adam8bit
 
             update = bucket.tables is not None and self.in_place_8bit and self._runs_own_loop() and adam8bit.indirect_update_function(bucket.flat.device)
-            if not update or not self._members_match_tables(bucket):
+            if not update:
                 return False
+            dtype, device = bucket.tables.dtype, bucket.flat.device
             grads, addresses, written = [], ([], []), []
-            for index in bucket.members:
+            for index, numel in zip(bucket.members, bucket.sizes[::2]):
                 param = self.model_params[index]
-                grad, param.grad = param.grad, None
+                grad = param.grad
+                if param.dtype != dtype or param.device != device or param.numel() != numel or (grad is not None and (grad.dtype != dtype or grad.shape != param.shape)):
+                    return False  # nothing taken yet: the upcast path takes them all
                 if grad is not None and not grad.is_contiguous():
                     grad = grad.contiguous()
                 grads.append(grad)
                 addresses[0].append(0 if grad is None else grad.data_ptr())  # 0: no gradient, stepped as a zero one
-                addresses[1].append(param.data_ptr() if param.is_contiguous() else 0)
-                if param.is_contiguous():
+                contiguous = param.is_contiguous()
+                addresses[1].append(param.data_ptr() if contiguous else 0)
+                if contiguous:
                     written.append(index)
-            device = bucket.flat.device
+            for index in bucket.members:
+                self.model_params[index].grad = None  # held in ``grads`` until the update is launched
             addresses = torch.tensor(addresses, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
             bucket.flat.grad = None
             bucket.taken = _Taken(update, addresses, grads, written)
-            return True
-
-        def _members_match_tables(self, bucket) -> bool:
-            """Whether every member's weight and gradient still has the dtype, device and size ``bucket.tables`` describe."""
-            dtype, device = bucket.tables.dtype, bucket.flat.device
-            for index, numel in zip(bucket.members, bucket.sizes[::2]):
-                param = self.model_params[index]
-                grad = param.grad
-                if param.dtype != dtype or param.device != device or param.numel() != numel:
-                    return False
-                if grad is not None and (grad.dtype != dtype or grad.device != device or grad.shape != param.shape):
-                    return False
             return True
 
         def _steps_without_grad(self, p):
