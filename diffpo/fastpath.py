@@ -275,6 +275,10 @@ class FlatMasterWeights(MasterWeights):
                 param.grad = None
             bucket.flat.grad = grad
 
+    def _bucket_of(self, flat: torch.Tensor) -> _Bucket | None:
+        """The bucket whose flat tensor the optimizer steps as ``flat`` (None for any other tensor)."""
+        return next((bucket for bucket in self._buckets if bucket.flat is flat), None)
+
     def _take_in_place(self, bucket: _Bucket) -> bool:
         """Whether ``bucket``'s update this step reads its members' gradients where they are and writes
         their weights (``bucket.taken``), rather than from an upcast bucket gradient (here: never)."""
@@ -430,7 +434,8 @@ def _master_weight_adamw8bit() -> type:
             return True
 
         def _steps_without_grad(self, p):
-            return any(bucket.flat is p and bucket.taken is not None for bucket in self._buckets)
+            bucket = self._bucket_of(p)
+            return bucket is not None and bucket.taken is not None
 
         def _bucket_kind(self, param):
             return "8bit" if param.numel() >= self._min_8bit_size else "32bit"
@@ -515,7 +520,7 @@ def _master_weight_adamw8bit() -> type:
                 step=state["step"], scale=self._gradient_scale, device=p.device,
             )
             moments = (state["state1"], state["state2"], state["absmax1"], state["absmax2"], state["qmap1"], state["qmap2"], tables[0], tables[1], hyper)
-            (bucket,) = [b for b in self._buckets if b.flat is p]
+            bucket = self._bucket_of(p)
             if bucket.taken is not None:  # the gradients read and the weights written in place (_take_in_place)
                 bucket.taken.update(p, bucket.tables, bucket.taken.addresses, *moments)
             else:
@@ -528,7 +533,8 @@ def _master_weight_adamw8bit() -> type:
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)
             flat = self.param_groups[gindex]["params"][pindex]
-            if any(b.flat is flat and b.kind == "32bit" for b in self._buckets):  # small tensors: 32-bit moments, as bitsandbytes gives each
+            bucket = self._bucket_of(flat)
+            if bucket is not None and bucket.kind == "32bit":  # small tensors: 32-bit moments, as bitsandbytes gives each
                 config["optim_bits"] = 32
             return config
 

@@ -119,7 +119,11 @@ run_inplacetest() {  # the in-place 8-bit update's bit-for-bit tests (they skip 
   timeout $(cap 90) python3 -m pytest -q -x -p no:cacheprovider tests/test_adam8bit.py -k "in_place or triton_kernel or member_tables" > "$OUT/logs/inplace_test.log" 2>&1
   local rc=$?
   stage "in-place 8-bit tests rc=$rc"
-  if [ $rc -ne 0 ]; then COLD_ARGS="${COLD_ARGS:-} --copy-path"; WARM_ARGS="${WARM_ARGS:-} --copy-path"; CASES=public/mapo/full; stage "in-place failed: copy path"; fi
+  if [ $rc -ne 0 ]; then  # (--copy-path once: a run given it already keeps it)
+    [[ " ${COLD_ARGS:-} " == *" --copy-path "* ]] || COLD_ARGS="${COLD_ARGS:-} --copy-path"
+    [[ " ${WARM_ARGS:-} " == *" --copy-path "* ]] || WARM_ARGS="${WARM_ARGS:-} --copy-path"
+    CASES=public/mapo/full; stage "in-place failed: copy path"
+  fi
 }
 run_fp16() {  # the one trainer guard that runs on a GPU only
   if [ "$(left)" -gt 40 ]; then
