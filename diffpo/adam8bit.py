@@ -200,13 +200,18 @@ def member_tables(numels: list[int], dtype: torch.dtype, device) -> MemberTables
     return MemberTables(member.to(device), first.to(device), torch.tensor(numels, dtype=torch.int64).to(device), dtype)
 
 
-def triton_indirect_update_(p, members: MemberTables, addresses, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1, tables2, hyper, *, rows: int = 4, num_warps: int = 4) -> None:
+def triton_indirect_update_(
+    p, members: MemberTables, addresses, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1, tables2, hyper, *, nonfinite: torch.Tensor | None = None, rows: int = 4, num_warps: int = 4
+) -> None:
     """``triton_update_`` of a flat bucket of masters ``p`` whose gradient is read where autograd left
     it, each member's own bf16 (or fp16) ``.grad``, and whose new masters are rounded into the members'
     weights in the same pass. ``addresses`` (int64, 2 x members, on p's device): each member's gradient
     and weight ``data_ptr()``, row-major with its ``numel`` values (0: no gradient, stepped as a zero
     one; no weight written: the caller copies it). The masters and moments are ``triton_update_``'s, bit
     for bit, and the weights are the masters rounded to nearest even, as torch rounds them.
+    ``nonfinite`` (int32, one value on p's device, zeroed by the caller): set to 1 if a weight written is
+    not finite (inf or nan, also a finite master past the weight dtype's range), checked as the values are
+    written, so the trainer's check of the updated weights needs no pass of its own over them.
 
     Why: the flat path first upcasts every gradient into a float32 bucket (a cast-copy per bucket) and
     after the update copies every master into its weight: for SDXL's 2.6B parameters ~31 GB of memory
@@ -225,9 +230,13 @@ def triton_indirect_update_(p, members: MemberTables, addresses, state1, state2,
 
     from diffpo._adam8bit_triton import adamw8bit_indirect_kernel  # needs Triton: imported on first use
 
+    if nonfinite is None:
+        nonfinite = torch.zeros(1, dtype=torch.int32, device=p.device)
+    elif nonfinite.dtype != torch.int32 or nonfinite.numel() != 1:
+        raise ValueError("nonfinite must be one int32 value")
     adamw8bit_indirect_kernel[(-(-blocks // rows),)](
         p, members.member, members.first, members.numel, addresses[0], addresses[1], state1, state2, absmax1, absmax2, qmap1, qmap2,
-        tables1[0], tables1[1], tables2[0], tables2[1], hyper, blocks,
+        tables1[0], tables1[1], tables2[0], tables2[1], hyper, nonfinite, blocks,
         DTYPE=tl.bfloat16 if members.dtype == torch.bfloat16 else tl.float16,
         BLOCK=BLOCK, ROWS=rows, SMALLEST=_SMALLEST, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,12 @@ class MasterWeights:
         """The model parameters whose update did not write them itself, and their masters."""
         return self.model_params, self.masters
 
+    def updated_weights_finite(self) -> torch.Tensor | None:
+        """After ``step``: whether every model weight it wrote is finite, as a bool tensor on the device
+        (no host sync), found more cheaply than by reading every weight; None where this optimizer has no
+        such way (the caller reads the weights)."""
+        return None
+
     def _end_step(self) -> None:
         """Forget what ``prepare_step`` took and the gradient scale (after a step, or at ``zero_grad``)."""
         self._gradients_taken, self._gradient_scale = False, 1.0
@@ -188,6 +195,7 @@ class _Bucket:
     kind: Hashable
     tables: object = None  # a subclass's, where its update reads the members' own gradients (MasterWeightAdamW8bit)
     taken: _Taken | None = None  # between prepare_step and step: the gradients the update reads in place
+    nonfinite: torch.Tensor | None = None  # with tables: int32, set by an in-place update that wrote a non-finite weight
 
 
 @dataclass
@@ -285,11 +293,48 @@ class FlatMasterWeights(MasterWeights):
         return False
 
     def _weights_to_round(self):
-        written = {index for bucket in self._buckets if bucket.taken is not None for index in bucket.taken.written}
+        # (called by step alone, after the update: what updated_weights_finite checks)
+        self._stepped_in_place = {i: set(bucket.taken.written) for i, bucket in enumerate(self._buckets) if bucket.taken is not None}
+        written = {index for members in self._stepped_in_place.values() for index in members}
         if not written:
             return super()._weights_to_round()
         unwritten = [i for i in range(len(self.model_params)) if i not in written]
         return [self.model_params[i] for i in unwritten], [self.masters[i] for i in unwritten]
+
+    def updated_weights_finite(self) -> torch.Tensor | None:
+        """``MasterWeights.updated_weights_finite`` from the buckets: a few reductions where the trainer
+        read all ~1,700 SDXL weights (``torch._foreach_norm``: ~6 ms of host time and ~2 ms of device
+        time per step on an H200, issue 16), with the same answer:
+
+        - a bucket updated in place (``_take_in_place``): its kernel's flag, set as it wrote a
+          non-finite weight;
+        - a bucket whose members' weights are all of one dtype, copied from their masters by ``step``:
+          its masters' largest magnitude below the smallest float32 that rounds to inf in that dtype
+          (``_rounds_to_inf_from``; nan fails the comparison): the rounded weights are finite exactly
+          when it holds;
+        - any other weight (members of mixed dtypes, a weight an in-place update left to the copy): its
+          own norm, as the trainer computes it.
+
+        None before the first step."""
+        stepped = getattr(self, "_stepped_in_place", None)
+        if stepped is None:
+            return None
+        checks, read = [], []
+        for i, bucket in enumerate(self._buckets):
+            if i in stepped:
+                checks.append(bucket.nonfinite == 0)
+                read += [self.model_params[m] for m in bucket.members if m not in stepped[i]]
+                continue
+            dtypes = {self.model_params[m].dtype for m in bucket.members}
+            if len(dtypes) == 1:
+                checks.append((bucket.flat.detach().abs().amax() < _rounds_to_inf_from(dtypes.pop())).reshape(1))
+            else:
+                read += [self.model_params[m] for m in bucket.members]
+        read = [p.detach() for p in read if p.numel()]
+        if read:
+            checks.append(torch.isfinite(torch.stack(torch._foreach_norm(read)).float()).all().reshape(1))
+        device = checks[0].device
+        return torch.cat([check.to(device) for check in checks]).all()
 
     def _end_step(self) -> None:
         super()._end_step()
@@ -298,6 +343,16 @@ class FlatMasterWeights(MasterWeights):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=True)  # a bucket's gradient is built anew at each step
+
+
+def _rounds_to_inf_from(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to inf in ``dtype`` (round to nearest even): its largest finite
+    value plus half a unit in its last place (that value's last bit is odd: the midpoint rounds up); inf
+    for float32, which the masters already are."""
+    if dtype in (torch.float32, torch.float64):
+        return math.inf
+    info = torch.finfo(dtype)
+    return info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
 
 
 class MasterWeightAdamW(MasterWeights, torch.optim.AdamW):
@@ -395,6 +450,7 @@ def _master_weight_adamw8bit() -> type:
                     dtypes = {self.model_params[i].dtype for i in bucket.members}
                     if bucket.kind == "8bit" and len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}:
                         bucket.tables = adam8bit.member_tables(bucket.sizes[::2], dtypes.pop(), bucket.flat.device)
+                        bucket.nonfinite = torch.zeros(1, dtype=torch.int32, device=bucket.flat.device)
 
         def _take_in_place(self, bucket):
             """An 8-bit bucket with member tables, where the diffpo update is the Triton kernel: its
@@ -522,7 +578,8 @@ def _master_weight_adamw8bit() -> type:
             moments = (state["state1"], state["state2"], state["absmax1"], state["absmax2"], state["qmap1"], state["qmap2"], tables[0], tables[1], hyper)
             bucket = self._bucket_of(p)
             if bucket.taken is not None:  # the gradients read and the weights written in place (_take_in_place)
-                bucket.taken.update(p, bucket.tables, bucket.taken.addresses, *moments)
+                bucket.nonfinite.zero_()
+                bucket.taken.update(p, bucket.tables, bucket.taken.addresses, *moments, nonfinite=bucket.nonfinite)
             else:
                 adam8bit.update_function(p.device)(p, p.grad, *moments)
 

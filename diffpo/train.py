@@ -623,9 +623,12 @@ def end_window(accelerator, optim: Optim, tc, spec: LossSpec, hparams: dict, ste
         optim.lr_scheduler.step()
     if not grads_finite or optim.optimizer.step_was_skipped:
         return norm, "gradients" if scaler is None or scaler.get_scale() < 1.0 else "fp16 overflow", metrics, None
-    # Cheap backstop (one fused norm per tensor, read at the next sync): finite gradients, yet an
-    # update made a weight non-finite. The optimizer state is then spent: the run stops before any save.
-    return norm, None, metrics, PendingCheck(step + 1, _weights_finite_flag(optim.params))
+    # Cheap backstop (read at the next sync): finite gradients, yet an update made a weight non-finite.
+    # The optimizer state is then spent: the run stops before any save. Float32 masters answer it from
+    # their buckets and the in-place kernel's flag; otherwise one fused norm per weight.
+    master = find_master_optimizer(optim.optimizer)
+    flag = master.updated_weights_finite() if master is not None else None
+    return norm, None, metrics, PendingCheck(step + 1, _weights_finite_flag(optim.params) if flag is None else flag)
 
 
 def step_record(step: int, optim: Optim, window: list[dict], grad_norm, skip_reason: str | None, skipped_total: int, seconds: float) -> dict:

@@ -330,21 +330,36 @@ def _needs_triton():
 # put several members in one 4-row program, a channels_last conv weight; and two under 20 (32-bit bucket)
 _SHAPES = [(70, 30), (33,), (8, 6, 3, 3), (300,), (21,), (7,), (64, 65), (5, 1), (40,)]
 _CONV, _NO_GRAD = 2, 4
+_ODD_WEIGHT, _ODD_GRAD = 6, 0  # a weight, and at odd steps a gradient, that are views at an address not 16-byte aligned
+
+
+def _at_odd_address(tensor: torch.Tensor, shift: int) -> torch.Tensor:
+    """A contiguous copy of ``tensor`` starting ``shift`` elements into a larger allocation (its address
+    not 16-byte aligned for an odd shift: as a view into another tensor's storage may be, e.g. DDP's buckets)."""
+    storage = torch.zeros(tensor.numel() + shift, dtype=tensor.dtype, device=tensor.device)
+    view = storage[shift:].view(tensor.shape)
+    view.copy_(tensor)
+    assert view.data_ptr() % 16
+    return view
 
 
 def _awkward_params(device, dtype=torch.bfloat16) -> list[torch.nn.Parameter]:
     torch.manual_seed(5)
     params = [torch.nn.Parameter(torch.randn(shape, device=device).to(dtype)) for shape in _SHAPES]
     params[_CONV].data = params[_CONV].data.contiguous(memory_format=torch.channels_last)
+    params[_ODD_WEIGHT].data = _at_odd_address(params[_ODD_WEIGHT].data, 3)
     return params
 
 
 def _awkward_grads(params, step: int) -> None:
     """Step ``step``'s gradients; none for one parameter (stepped with a zero gradient); the conv
-    weight's in its own channels_last layout at even steps, row-major at odd ones."""
+    weight's in its own channels_last layout at even steps, row-major at odd ones; one at an unaligned
+    address at odd steps."""
     generator = torch.Generator().manual_seed(100 + step)
     for index, param in enumerate(params):
         grad = (1e-2 * torch.randn(param.shape, generator=generator)).to(param.device, param.dtype)
+        if index == _ODD_GRAD and step % 2:
+            grad = _at_odd_address(grad, 1)
         param.grad = None if index == _NO_GRAD else grad.contiguous(memory_format=torch.channels_last) if index == _CONV and step % 2 == 0 else grad
 
 
@@ -374,7 +389,8 @@ def test_in_place_8bit_bucket_is_the_upcast_path_bit_for_bit(monkeypatch, dtype)
     writes its bf16 weight) against the upcast path (float32 gradient bucket, the same kernel, the
     masters copied into the weights), over 3 steps with a gradient scale: the same masters, moments,
     block maxima and weights, bit for bit, for bf16 (the trainer's) and fp16 weights; a parameter without a gradient, a channels_last weight
-    with either layout of gradient included. No float32 gradient is made for that bucket; the 32-bit
+    with either layout of gradient, a weight and a gradient at unaligned addresses (the kernel's general
+    path) beside aligned whole blocks (its 16-byte vector path) included. No float32 gradient is made for that bucket; the 32-bit
     bucket's is, as before."""
     device = _needs_triton()
     in_place, upcast = (_awkward_optimizer(monkeypatch, flag, device, dtype) for flag in (True, False))
@@ -395,6 +411,7 @@ def test_in_place_8bit_bucket_is_the_upcast_path_bit_for_bit(monkeypatch, dtype)
         upcast.step()
         assert eight_bit.taken is None  # the gradients it held are released
         _assert_same_optimizers(in_place, upcast)
+        assert bool(in_place.updated_weights_finite()) and bool(upcast.updated_weights_finite())
     assert launches == [eight_bit.flat.numel()] * 3
     conv = in_place.model_params[_CONV]
     assert conv.is_contiguous(memory_format=torch.channels_last) and torch.equal(conv, in_place.masters[_CONV].to(dtype))
@@ -404,6 +421,55 @@ def test_in_place_8bit_bucket_is_the_upcast_path_bit_for_bit(monkeypatch, dtype)
     monkeypatch.setattr(type(in_place), "_runs_own_loop", lambda self: False)  # e.g. stepped on another stream
     with pytest.raises(RuntimeError, match="default stream"):  # bitsandbytes' loop would skip the bucket
         in_place.step()
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_updated_weights_finite_flags_a_weight_the_step_broke(monkeypatch, in_place):
+    """``updated_weights_finite`` after a step (the trainer's check before any save, without reading every
+    weight): true for a healthy step; false where one value of one weight became nan (a nan gradient),
+    and where a finite float32 master rounds to inf in bf16 (3.40e38 decayed to 3.3966e38, past bf16's
+    3.3895e38 + half a unit), in the in-place kernel's bucket (its flag) and in the 32-bit bucket (the
+    masters' largest magnitude), on the upcast path as in place; the same answer as reading the weights."""
+    from diffpo.fastpath import _rounds_to_inf_from
+    from diffpo.train import _weights_finite_flag
+
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    def new_optimizer():  # in place: the Triton kernel (a GPU, or its interpreter); else the upcast path's own update (CI: compiled, on a CPU)
+        if in_place:
+            return _awkward_optimizer(monkeypatch, True, _needs_triton())
+        return MasterWeightAdamW8bit(_awkward_params("cpu"), kernel="diffpo", min_8bit_size=20, lr=1e-2, weight_decay=0.1)
+
+    optimizer = new_optimizer()
+    assert optimizer.updated_weights_finite() is None  # before any step: the caller reads the weights
+    eight_bit, small = optimizer._buckets
+    big, tiny = 3, 5  # a member of the 8-bit bucket, one of the 32-bit bucket
+    assert big in eight_bit.members and tiny in small.members
+
+    def step(step, *, nan_in=None, huge=None):
+        _awkward_grads(optimizer.model_params, step)
+        if nan_in is not None:
+            optimizer.model_params[nan_in].grad.view(-1)[3] = float("nan")
+        if huge is not None:
+            optimizer.masters[huge].view(-1)[0] = 3.40e38
+        optimizer.step()
+        assert (eight_bit.nonfinite is not None and eight_bit.nonfinite.item() in (0, 1)) if in_place else True
+        flag = bool(optimizer.updated_weights_finite())
+        assert flag == bool(_weights_finite_flag(optimizer.model_params))
+        return flag
+
+    assert step(0)
+    for member in (big, tiny):
+        optimizer = new_optimizer()
+        eight_bit, small = optimizer._buckets
+        assert step(0) and not step(1, nan_in=member)
+        optimizer = new_optimizer()
+        eight_bit, small = optimizer._buckets
+        assert not step(0, huge=member) and torch.isinf(optimizer.model_params[member].view(-1)[0])
+        assert torch.isfinite(optimizer.masters[member]).all()  # the master is finite: its bf16 rounding is not
+    limit = _rounds_to_inf_from(torch.bfloat16)
+    assert torch.tensor(limit).to(torch.bfloat16).isinf() and torch.nextafter(torch.tensor(limit), torch.tensor(0.0)).to(torch.bfloat16).isfinite()
+    assert _rounds_to_inf_from(torch.float16) == 65520.0 and _rounds_to_inf_from(torch.float32) == math.inf
 
 
 def test_in_place_8bit_checkpoints_are_the_upcast_paths(monkeypatch):

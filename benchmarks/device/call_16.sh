@@ -20,7 +20,7 @@ XL=${XL:-sdxl} PAIRS=${PAIRS:-64} DEV=${DEV:-cuda} STEPS=${STEPS:-20} HSTEPS=${H
 # selective checkpointing: the 128/64-px blocks without up_blocks.1; all 128/64-px blocks; the 32-px down block
 LEVERS=${LEVERS:-"down_blocks.0:down_blocks.1:up_blocks.2 down_blocks.0:down_blocks.1:up_blocks.1:up_blocks.2 down_blocks.2"}
 WORK=${WORK:-/tmp/e2e16}
-STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py), tritontest, kern (benchmarks/adam8bit_kernel.py), levers (benchmarks/compile_levers.py), base
+STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py), tritontest, kern (benchmarks/adam8bit_kernel.py), levers (benchmarks/compile_levers.py), base, inplacetest, testsetup (inplacetest and kernels beside setup)
 RESERVE=${RESERVE:-25}  # seconds the harness leaves to the stages after it
 # STAGES run in the order given
 START=$(date +%s)
@@ -116,10 +116,27 @@ run_kern() {  # diffpo's 8-bit kernels' GPU tests (they skip in CI), then one bu
 run_inplacetest() {  # the in-place 8-bit update's bit-for-bit tests (they skip in CI) before any number of it counts;
   # if they fail, the trainer runs take the copy path (--copy-path) and the harness only the public recipe
   stage "in-place 8-bit tests"
-  timeout $(cap 90) python3 -m pytest -q -x -p no:cacheprovider tests/test_adam8bit.py -k "in_place or triton_kernel or member_tables" > "$OUT/logs/inplace_test.log" 2>&1
+  timeout $(cap 90) python3 -m pytest -q -x -p no:cacheprovider tests/test_adam8bit.py -k "in_place or triton_kernel or member_tables or updated_weights" > "$OUT/logs/inplace_test.log" 2>&1
   local rc=$?
   stage "in-place 8-bit tests rc=$rc"
   if [ $rc -ne 0 ]; then  # (--copy-path once: a run given it already keeps it)
+    [[ " ${COLD_ARGS:-} " == *" --copy-path "* ]] || COLD_ARGS="${COLD_ARGS:-} --copy-path"
+    [[ " ${WARM_ARGS:-} " == *" --copy-path "* ]] || WARM_ARGS="${WARM_ARGS:-} --copy-path"
+    CASES=public/mapo/full; stage "in-place failed: copy path"
+  fi
+}
+run_testsetup() {  # inplacetest, then the one-bucket kernels (KERN_ONLY), in the background while setup runs
+  # (setup works the CPU but for its latent encoding, so the kernel timings may overlap only that)
+  stage "in-place 8-bit tests, then kernels, beside setup"
+  ( timeout $(cap 100) python3 -m pytest -q -x -p no:cacheprovider tests/test_adam8bit.py -k "in_place or triton_kernel or member_tables or updated_weights" > "$OUT/logs/inplace_test.log" 2>&1
+    echo $? > "$OUT/logs/inplace_test.rc"
+    timeout $(cap 60) python3 -m benchmarks.adam8bit_kernel ${KERN_ONLY:+--only "$KERN_ONLY"} --out "$OUT/adam8bit_kernel.json" > "$OUT/logs/adam8bit_kernel.log" 2>&1 ) &
+  local tests=$!
+  run_setup
+  wait $tests
+  local rc; rc=$(cat "$OUT/logs/inplace_test.rc" 2>/dev/null || echo 1)
+  stage "in-place 8-bit tests rc=$rc; kernels done"
+  if [ "$rc" -ne 0 ]; then
     [[ " ${COLD_ARGS:-} " == *" --copy-path "* ]] || COLD_ARGS="${COLD_ARGS:-} --copy-path"
     [[ " ${WARM_ARGS:-} " == *" --copy-path "* ]] || WARM_ARGS="${WARM_ARGS:-} --copy-path"
     CASES=public/mapo/full; stage "in-place failed: copy path"
