@@ -326,6 +326,8 @@ class FlatMasterWeights(MasterWeights):
                 read += [self.model_params[m] for m in bucket.members if m not in stepped[i]]
                 continue
             dtypes = {self.model_params[m].dtype for m in bucket.members}
+            if not bucket.flat.numel():  # members without values: nothing to check
+                continue
             if len(dtypes) == 1:
                 checks.append((bucket.flat.detach().abs().amax() < _rounds_to_inf_from(dtypes.pop())).reshape(1))
             else:
@@ -333,6 +335,8 @@ class FlatMasterWeights(MasterWeights):
         read = [p.detach() for p in read if p.numel()]
         if read:
             checks.append(torch.isfinite(torch.stack(torch._foreach_norm(read)).float()).all().reshape(1))
+        if not checks:
+            return None
         device = checks[0].device
         return torch.cat([check.to(device) for check in checks]).all()
 
