@@ -99,8 +99,10 @@ def adamw8bit_indirect_kernel(
     # masks per row and the alignment stated, so that Triton loads and stores the bf16 values 8 at a
     # time (16 bytes) rather than one by one; where the masks per value would defeat that (a member's
     # last, partial block) or an address is not aligned (a gradient that is a view at an odd offset,
-    # e.g. of DDP's buckets), the program takes the general path. Issue 16: the per-value path took
-    # 2.66 ms per 1 GiB bucket in the trainer where the kernel reading a float32 bucket took 1.85.
+    # e.g. of DDP's buckets), the program takes the general path. Issue 16, one 1 GiB bucket on an H200
+    # (python -m benchmarks.adam8bit_kernel): 2.87 ms with this path, 3.10 ms with every program on the
+    # general one, 1.83 ms for adamw8bit_kernel from a float32 gradient bucket (the same 16 bytes per
+    # value): vectorizing explained a fifth of that gap; the rest is not found yet.
     whole = tl.sum((row_ok & ((left < BLOCK) | (grad_at % 16 != 0) | (weight_at % 16 != 0))).to(tl.int32), axis=0) == 0
     if whole:
         grad = tl.load(tl.multiple_of(grads, 16)[:, None] + cols[None, :], mask=(row_ok & (grad_at != 0))[:, None], other=0.0).to(tl.float32)

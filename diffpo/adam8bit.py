@@ -219,8 +219,11 @@ def triton_indirect_update_(
     copies: 8.9 ms), and a host-bound loop over the tensors that the device waited for. Reading and
     writing the bf16 tensors in place removes both: SDXL's optimizer step alone on an H200 took 34.4 ms
     of wall time against 39.4 (medians of 10 with overlapping ranges, both kernels without multiply-add
-    contraction) and 11.5 ms of host time against 20.8 (``python -m benchmarks.optimizer_step``); end to
-    end not measured yet (BENCHMARKS.md, issue 16)."""
+    contraction) and 11.5 ms of host time against 20.8 (``python -m benchmarks.optimizer_step``). The
+    kernel itself is slower than ``triton_update_`` from a float32 bucket, 2.87 against 1.83 ms per 1 GiB
+    bucket (``python -m benchmarks.adam8bit_kernel``, H200), so end to end the two paths measured even
+    (413.6 ms per SDXL step in place with the kernel's earlier per-value loads, 408.3 through the copies,
+    one machine; BENCHMARKS.md, issue 16)."""
     blocks = p.numel() // BLOCK
     if p.numel() % BLOCK or p.dtype != torch.float32 or members.member.numel() != blocks:
         raise ValueError(f"p must be float32 with a multiple of {BLOCK} values, one entry of members.member per block")
