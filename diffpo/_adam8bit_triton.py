@@ -125,8 +125,9 @@ def adamw8bit_indirect_kernel(
         wide = weight.to(tl.float32)
         broken = (wide != wide) | (tl.abs(wide) == float("inf"))
     if whole:
-        written = (row_ok & (weight_at != 0))[:, None] & (cols[None, :] < BLOCK)  # (a [ROWS, BLOCK] mask, as the other branch's)
-        tl.store(tl.multiple_of(weights, 16)[:, None] + cols[None, :], weight, mask=(row_ok & (weight_at != 0))[:, None])
+        rows_written = (row_ok & (weight_at != 0))[:, None]
+        tl.store(tl.multiple_of(weights, 16)[:, None] + cols[None, :], weight, mask=rows_written)
+        written = rows_written & (cols[None, :] < BLOCK)  # (as a [ROWS, BLOCK] mask, the other branch's shape)
     else:
         written = valid & (weight_at != 0)[:, None]
         tl.store(weights[:, None] + cols[None, :], weight, mask=written)

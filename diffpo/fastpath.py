@@ -313,7 +313,7 @@ class FlatMasterWeights(MasterWeights):
           (``_rounds_to_inf_from``; nan fails the comparison): the rounded weights are finite exactly
           when it holds;
         - any other weight (members of mixed dtypes, a weight an in-place update left to the copy): its
-          own norm, as the trainer computes it.
+          own norm (``weights_finite_flag``, the trainer's check).
 
         None before the first step."""
         stepped = getattr(self, "_stepped_in_place", None)
@@ -325,16 +325,15 @@ class FlatMasterWeights(MasterWeights):
                 checks.append(bucket.nonfinite == 0)
                 read += [self.model_params[m] for m in bucket.members if m not in stepped[i]]
                 continue
-            dtypes = {self.model_params[m].dtype for m in bucket.members}
             if not bucket.flat.numel():  # members without values: nothing to check
                 continue
+            dtypes = {self.model_params[m].dtype for m in bucket.members}
             if len(dtypes) == 1:
                 checks.append((bucket.flat.detach().abs().amax() < _rounds_to_inf_from(dtypes.pop())).reshape(1))
             else:
                 read += [self.model_params[m] for m in bucket.members]
-        read = [p.detach() for p in read if p.numel()]
-        if read:
-            checks.append(torch.isfinite(torch.stack(torch._foreach_norm(read)).float()).all().reshape(1))
+        if any(p.numel() for p in read):
+            checks.append(weights_finite_flag(read).reshape(1))
         if not checks:
             return None
         device = checks[0].device
@@ -347,6 +346,16 @@ class FlatMasterWeights(MasterWeights):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=True)  # a bucket's gradient is built anew at each step
+
+
+def weights_finite_flag(params: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every weight is finite, as a tensor on the device (no host sync): one fused norm per
+    tensor (an inf/nan element makes its tensor's norm non-finite). Local shards under FSDP."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    local = [p.detach() for p in local if p.numel()]
+    if not local:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(torch._foreach_norm(local)).float()).all()
 
 
 def _rounds_to_inf_from(dtype: torch.dtype) -> float:

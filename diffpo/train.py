@@ -31,7 +31,7 @@ from diffpo.data.cache import CachedPairDataset, check_meta, collate_cached
 from diffpo.checkpoint import last_checkpoint_note, list_checkpoints, publish_dir, read_state, resolve_resume, save_checkpoint
 from diffpo.config import Config, save_config
 from diffpo.data import PairDataset, collate_pairs, load_pair_records
-from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer, set_gradient_checkpointing, use_compile_cache
+from diffpo.fastpath import MasterWeightAdamW, compile_network, find_master_optimizer, set_gradient_checkpointing, use_compile_cache, weights_finite_flag
 from diffpo.geglu import allow_cached_autograd_functions, fuse_geglu
 from diffpo.losses import LossSpec, get_loss
 from diffpo.models import Components, Reference, add_lora, load_components, resolve_family, trainable_parameters
@@ -158,19 +158,9 @@ def _all_processes(accelerator, flag: bool) -> bool:
     return bool(accelerator.gather(torch.tensor([flag], device=accelerator.device)).all())
 
 
-def _weights_finite_flag(params: list[torch.Tensor]) -> torch.Tensor:
-    """Whether every trained weight is finite, as a tensor on the device (no host sync): one fused
-    norm per tensor (an inf/nan element makes its tensor's norm non-finite). Local shards under FSDP."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-    local = [p.detach() for p in local if p.numel()]
-    if not local:
-        return torch.tensor(True)
-    return torch.isfinite(torch.stack(torch._foreach_norm(local)).float()).all()
-
-
 def _weights_finite(params: list[torch.Tensor]) -> bool:
-    """``_weights_finite_flag`` read on the host (a single sync)."""
-    return bool(_weights_finite_flag(params))
+    """``weights_finite_flag`` read on the host (a single sync)."""
+    return bool(weights_finite_flag(params))
 
 
 def _gradient_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -626,9 +616,8 @@ def end_window(accelerator, optim: Optim, tc, spec: LossSpec, hparams: dict, ste
     # Cheap backstop (read at the next sync): finite gradients, yet an update made a weight non-finite.
     # The optimizer state is then spent: the run stops before any save. Float32 masters answer it from
     # their buckets and the in-place kernel's flag; otherwise one fused norm per weight.
-    master = find_master_optimizer(optim.optimizer)
     flag = master.updated_weights_finite() if master is not None else None
-    return norm, None, metrics, PendingCheck(step + 1, _weights_finite_flag(optim.params) if flag is None else flag)
+    return norm, None, metrics, PendingCheck(step + 1, weights_finite_flag(optim.params) if flag is None else flag)
 
 
 def step_record(step: int, optim: Optim, window: list[dict], grad_norm, skip_reason: str | None, skipped_total: int, seconds: float) -> dict:

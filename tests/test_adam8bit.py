@@ -430,8 +430,7 @@ def test_updated_weights_finite_flags_a_weight_the_step_broke(monkeypatch, in_pl
     and where a finite float32 master rounds to inf in bf16 (3.40e38 decayed to 3.3966e38, past bf16's
     3.3895e38 + half a unit), in the in-place kernel's bucket (its flag) and in the 32-bit bucket (the
     masters' largest magnitude), on the upcast path as in place; the same answer as reading the weights."""
-    from diffpo.fastpath import _rounds_to_inf_from
-    from diffpo.train import _weights_finite_flag
+    from diffpo.fastpath import _rounds_to_inf_from, weights_finite_flag
 
     from diffpo.fastpath import MasterWeightAdamW8bit
 
@@ -455,7 +454,7 @@ def test_updated_weights_finite_flags_a_weight_the_step_broke(monkeypatch, in_pl
         optimizer.step()
         assert (eight_bit.nonfinite is not None and eight_bit.nonfinite.item() in (0, 1)) if in_place else True
         flag = bool(optimizer.updated_weights_finite())
-        assert flag == bool(_weights_finite_flag(optimizer.model_params))
+        assert flag == bool(weights_finite_flag(optimizer.model_params))
         return flag
 
     assert step(0)

@@ -113,36 +113,36 @@ run_kern() {  # diffpo's 8-bit kernels' GPU tests (they skip in CI), then one bu
   timeout $(cap ${KERN_CAP:-120}) python3 -m benchmarks.adam8bit_kernel ${KERN_ARGS:-} --out "$OUT/adam8bit_kernel.json" > "$OUT/logs/adam8bit_kernel.log" 2>&1
   stage "adam8bit kernels rc=$?"
 }
-run_inplacetest() {  # the in-place 8-bit update's bit-for-bit tests (they skip in CI) before any number of it counts;
-  # if they fail, the trainer runs take the copy path (--copy-path) and the harness only the public recipe
+# the in-place 8-bit update's GPU tests (they skip in CI), bit for bit against the upcast path; the upcast case
+# of updated_weights is left out: it compiles the CPU update (40 s), which ran session 12's call c out of time
+INPLACE_TESTS='in_place or triton_kernel or member_tables or (updated_weights and True)'
+inplace_tests() {  # inplace_tests CAP: run them, log under $OUT/logs, return pytest's status
+  timeout $(cap $1) python3 -m pytest -q -x -p no:cacheprovider tests/test_adam8bit.py -k "$INPLACE_TESTS" > "$OUT/logs/inplace_test.log" 2>&1
+}
+take_copy_path() {  # after failed in-place tests: the trainer runs take the copy path, the harness only the public recipe
+  [[ " ${COLD_ARGS:-} " == *" --copy-path "* ]] || COLD_ARGS="${COLD_ARGS:-} --copy-path"  # (once: a run given it keeps it)
+  [[ " ${WARM_ARGS:-} " == *" --copy-path "* ]] || WARM_ARGS="${WARM_ARGS:-} --copy-path"
+  CASES=public/mapo/full; stage "in-place failed: copy path"
+}
+run_inplacetest() {  # the in-place tests before any number of the update counts
   stage "in-place 8-bit tests"
-  timeout $(cap 90) python3 -m pytest -q -x -p no:cacheprovider tests/test_adam8bit.py -k "in_place or triton_kernel or member_tables or (updated_weights and True)" > "$OUT/logs/inplace_test.log" 2>&1
+  inplace_tests 90
   local rc=$?
   stage "in-place 8-bit tests rc=$rc"
-  if [ $rc -ne 0 ]; then  # (--copy-path once: a run given it already keeps it)
-    [[ " ${COLD_ARGS:-} " == *" --copy-path "* ]] || COLD_ARGS="${COLD_ARGS:-} --copy-path"
-    [[ " ${WARM_ARGS:-} " == *" --copy-path "* ]] || WARM_ARGS="${WARM_ARGS:-} --copy-path"
-    CASES=public/mapo/full; stage "in-place failed: copy path"
-  fi
+  [ $rc -eq 0 ] || take_copy_path
 }
 run_testsetup() {  # inplacetest, then the one-bucket kernels (KERN_ONLY), in the background while setup runs
-  # (setup works the CPU but for its latent encoding, so the kernel timings may overlap only that)
+  # (setup works the CPU but for its latent encoding, so the kernel timings may overlap only that;
+  # session 12's call c gave the tests 100 s here, too few beside setup)
   stage "in-place 8-bit tests, then kernels, beside setup"
-  # (as run in session 12's call c, with a cap of 100 s and every updated_weights case, the tests ran out of
-  # time beside setup: the upcast case of updated_weights compiles the CPU update, 40 s alone; left out here)
-  ( timeout $(cap 180) python3 -m pytest -q -x -p no:cacheprovider tests/test_adam8bit.py -k "in_place or triton_kernel or member_tables or (updated_weights and True)" > "$OUT/logs/inplace_test.log" 2>&1
-    echo $? > "$OUT/logs/inplace_test.rc"
+  ( inplace_tests 180; echo $? > "$OUT/logs/inplace_test.rc"
     timeout $(cap 60) python3 -m benchmarks.adam8bit_kernel ${KERN_ONLY:+--only "$KERN_ONLY"} --out "$OUT/adam8bit_kernel.json" > "$OUT/logs/adam8bit_kernel.log" 2>&1 ) &
   local tests=$!
   run_setup
   wait $tests
   local rc; rc=$(cat "$OUT/logs/inplace_test.rc" 2>/dev/null || echo 1)
   stage "in-place 8-bit tests rc=$rc; kernels done"
-  if [ "$rc" -ne 0 ]; then
-    [[ " ${COLD_ARGS:-} " == *" --copy-path "* ]] || COLD_ARGS="${COLD_ARGS:-} --copy-path"
-    [[ " ${WARM_ARGS:-} " == *" --copy-path "* ]] || WARM_ARGS="${WARM_ARGS:-} --copy-path"
-    CASES=public/mapo/full; stage "in-place failed: copy path"
-  fi
+  [ "$rc" -eq 0 ] || take_copy_path
 }
 run_fp16() {  # the one trainer guard that runs on a GPU only
   if [ "$(left)" -gt 40 ]; then
