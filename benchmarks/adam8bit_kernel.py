@@ -18,7 +18,9 @@ SDXL's UNet fills ten) with a float32 gradient and bitsandbytes' 8-bit state, up
   bf16 gradient each, the new masters rounded into their bf16 weights; ``diffpo-indirect-unaligned``:
   the same with every gradient at an address off 16 bytes, which sends every program down the kernel's
   general path (a mask per value, one bf16 value per load and store: the kernel before its 16-byte
-  vector path).
+  vector path); ``diffpo-indirect-RxW``: the in-place kernel launched with R blocks per program and W
+  warps, the state's loads before the member lookups (``-late``: after them, the kernel before issue 16's
+  session 13).
 
 Per kernel: the median time of ``--reps`` updates (CUDA events after warm-up) and the bandwidth it
 reaches counting 16 bytes per value (float32 master read and written, float32 gradient read, two
@@ -92,6 +94,10 @@ def _kernels(device: torch.device) -> dict:
             kernels[f"diffpo-triton-{rows}x{warps}"] = diffpo(adam8bit.triton_update_, rows=rows, num_warps=warps)
         kernels["diffpo-indirect"] = _indirect(adam8bit, q1, q2, t1, t2, hyper, device, aligned=True)
         kernels["diffpo-indirect-unaligned"] = _indirect(adam8bit, q1, q2, t1, t2, hyper, device, aligned=False)
+        for rows, warps in ((4, 4), (2, 4), (4, 2), (8, 4), (8, 8), (16, 8)):
+            for early in (True, False):
+                launch = dict(rows=rows, num_warps=warps, early=early)
+                kernels[f"diffpo-indirect-{rows}x{warps}" + ("" if early else "-late")] = _indirect(adam8bit, q1, q2, t1, t2, hyper, device, aligned=True, launch=launch)
     except ImportError:
         pass
     kernels["diffpo-compiled"] = diffpo(adam8bit.compiled_update())
@@ -102,9 +108,10 @@ def _kernels(device: torch.device) -> dict:
 MEMBER_VALUES = 1280 * 1280  # an SDXL attention projection's weight
 
 
-def _indirect(adam8bit, q1, q2, t1, t2, hyper, device, *, aligned: bool):
+def _indirect(adam8bit, q1, q2, t1, t2, hyper, device, *, aligned: bool, launch: dict | None = None):
     """``triton_indirect_update_`` of a bucket whose members are tensors of their own: each reads its slice
-    of the state's gradient as a bf16 tensor (made at the first call) and writes its bf16 weight."""
+    of the state's gradient as a bf16 tensor (made at the first call) and writes its bf16 weight.
+    ``launch``: the kernel's rows, num_warps and early (default: ``adam8bit.INDIRECT_LAUNCH``)."""
     members: dict = {}
 
     def run(s, step):
@@ -122,7 +129,7 @@ def _indirect(adam8bit, q1, q2, t1, t2, hyper, device, *, aligned: bool):
                 addresses=torch.tensor([[g.data_ptr() for g in grads], [w.data_ptr() for w in weights]], dtype=torch.int64, device=device),
             )
         h = adam8bit.hyperparameters(**hyper, step=step, scale=1.0, device=device)
-        adam8bit.triton_indirect_update_(s["p"], members["tables"], members["addresses"], s["s1"], s["s2"], s["a1"], s["a2"], q1, q2, t1, t2, h)
+        adam8bit.triton_indirect_update_(s["p"], members["tables"], members["addresses"], s["s1"], s["s2"], s["a1"], s["a2"], q1, q2, t1, t2, h, **(launch or {}))
 
     run.members = members
     return run

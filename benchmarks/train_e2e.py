@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--save", action="store_true", help="keep checkpoints and the final save (tens of GB at SDXL size)")
     t.add_argument("--profile", type=int, default=0, metavar="STEP", help="profile optimizer steps STEP and STEP+1 (torch.profiler): device time by kind of kernel, device busy vs wall time")
     t.add_argument("--copy-path", action="store_true", help="8-bit AdamW over float32 masters through the upcast bucket gradient and the copy back, not in place (MasterWeightAdamW8bit.in_place_8bit=False): the side-by-side of that lever")
+    t.add_argument("--indirect", default="", metavar="RxW[-late]", help="the in-place 8-bit kernel's launch (diffpo.adam8bit.INDIRECT_LAUNCH): R blocks per program, W warps, -late: the state's loads after the member lookups (as benchmarks.adam8bit_kernel names them)")
     t.add_argument("--out", type=Path, default=None)
     t.add_argument("overrides", nargs="*", help="more key=value config overrides")
     return p.parse_args(argv)
@@ -136,6 +137,12 @@ def train_run(args) -> dict:
         from diffpo.fastpath import MasterWeightAdamW8bit
 
         MasterWeightAdamW8bit.in_place_8bit = False
+    if args.indirect:
+        from diffpo import adam8bit
+
+        size, _, late = args.indirect.partition("-")
+        rows, warps = (int(n) for n in size.split("x"))
+        adam8bit.INDIRECT_LAUNCH.update(rows=rows, num_warps=warps, early=late != "late")
     profiled: dict = {}
     step_record = train_module.step_record
     if args.profile:
@@ -159,7 +166,7 @@ def train_run(args) -> dict:
     median = statistics.median(timed)
     pairs = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     record = {
-        "name": args.name, "arch": arch, "config": str(args.config), "overrides": overrides, "steps": result.steps, "copy_path": args.copy_path,
+        "name": args.name, "arch": arch, "config": str(args.config), "overrides": overrides, "steps": result.steps, "copy_path": args.copy_path, "indirect": args.indirect,
         "first_step_s": steps[0], "median_step_s": median, "median_of_steps": median_of,
         "pairs_per_step": pairs, "pairs_per_s": pairs / median,
         "mean_step_s_after_skip": statistics.fmean(timed),

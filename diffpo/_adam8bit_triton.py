@@ -15,13 +15,22 @@ def _nearest(y, base_ptr, mids_ptr, SMALLEST: tl.constexpr, FIRST: tl.constexpr,
 
 
 @triton.jit
+def _load_tile(rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr):
+    # one ROWS x BLOCK tile's state as the update reads it: both moments dequantized, and the masters
+    m = tl.load(qmap1_ptr + tl.load(s1_ptr + offsets, mask=ok, other=0).to(tl.int32)) * tl.load(absmax1_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    v = tl.load(qmap2_ptr + tl.load(s2_ptr + offsets, mask=ok, other=0).to(tl.int32)) * tl.load(absmax2_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    master = tl.load(p_ptr + offsets, mask=ok, other=0.0)
+    return m, v, master
+
+
+@triton.jit
 def _update_tile(
-    grad, rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+    grad, m, v, master, rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr,
     base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr,
     SMALLEST: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr,
 ):
-    # the update of one ROWS x BLOCK tile of the flat bucket (``offsets``) from its float32 gradient;
-    # stores the master, the moments' codes and maxima, and returns the new master
+    # the update of one ROWS x BLOCK tile of the flat bucket (``offsets``) from its float32 gradient and
+    # its state (``_load_tile``); stores the master, the moments' codes and maxima, and returns the new master
     lr = tl.load(hyper_ptr + 0)
     beta1 = tl.load(hyper_ptr + 1)
     beta2 = tl.load(hyper_ptr + 2)
@@ -33,11 +42,8 @@ def _update_tile(
     correction2 = tl.load(hyper_ptr + 8)
     scale = tl.load(hyper_ptr + 9)
     grad = grad * scale
-    m = tl.load(qmap1_ptr + tl.load(s1_ptr + offsets, mask=ok, other=0).to(tl.int32)) * tl.load(absmax1_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    v = tl.load(qmap2_ptr + tl.load(s2_ptr + offsets, mask=ok, other=0).to(tl.int32)) * tl.load(absmax2_ptr + rows, mask=row_ok, other=0.0)[:, None]
     m = m * beta1 + grad * rest1
     v = v * beta2 + grad * grad * rest2
-    master = tl.load(p_ptr + offsets, mask=ok, other=0.0)
     master = master * (1 - lr * weight_decay) - (lr / correction1) * m / (tl.sqrt(v) / correction2 + eps)
     tl.store(p_ptr + offsets, master, mask=ok)
     max1 = tl.max(tl.abs(m), axis=1)
@@ -64,8 +70,9 @@ def adamw8bit_kernel(
     offsets = rows.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     ok = row_ok[:, None]
     grad = tl.load(g_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    m, v, master = _load_tile(rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr)
     _update_tile(
-        grad, rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+        grad, m, v, master, rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr,
         base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, SMALLEST, FIRST, BUCKETS, SHIFT,
     )
 
@@ -75,6 +82,7 @@ def adamw8bit_indirect_kernel(
     p_ptr, member_ptr, first_ptr, numel_ptr, grads_ptr, weights_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
     base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, nonfinite_ptr, n_blocks,
     DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, SMALLEST: tl.constexpr, FIRST: tl.constexpr, BUCKETS: tl.constexpr, SHIFT: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     # adamw8bit_kernel's update, the gradient read from each member's own tensor and the new master
     # rounded into its weight (DTYPE: bf16 or fp16), through the members' addresses in grads_ptr and
@@ -86,6 +94,10 @@ def adamw8bit_indirect_kernel(
     row_ok = rows < n_blocks
     offsets = rows.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     ok = row_ok[:, None]
+    if EARLY:
+        # the state's loads issued first, so that their latency overlaps the member lookups' chain of
+        # dependent loads (member -> address -> gradient) rather than following it
+        m, v, master = _load_tile(rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr)
     cols = tl.arange(0, BLOCK)
     member = tl.load(member_ptr + rows, mask=row_ok, other=0)
     start = rows.to(tl.int64) * BLOCK - tl.load(first_ptr + member)  # each row's first value within its member
@@ -108,8 +120,10 @@ def adamw8bit_indirect_kernel(
         grad = tl.load(tl.multiple_of(grads, 16)[:, None] + cols[None, :], mask=(row_ok & (grad_at != 0))[:, None], other=0.0).to(tl.float32)
     else:
         grad = tl.load(grads[:, None] + cols[None, :], mask=valid & (grad_at != 0)[:, None], other=0.0).to(tl.float32)
+    if not EARLY:
+        m, v, master = _load_tile(rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr)
     master = _update_tile(
-        grad, rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+        grad, m, v, master, rows, row_ok, offsets, ok, p_ptr, s1_ptr, s2_ptr, absmax1_ptr, absmax2_ptr,
         base1_ptr, mids1_ptr, base2_ptr, mids2_ptr, hyper_ptr, SMALLEST, FIRST, BUCKETS, SHIFT,
     )
     if DTYPE == tl.bfloat16:

@@ -200,8 +200,15 @@ def member_tables(numels: list[int], dtype: torch.dtype, device) -> MemberTables
     return MemberTables(member.to(device), first.to(device), torch.tensor(numels, dtype=torch.int64).to(device), dtype)
 
 
+# triton_indirect_update_'s launch: ROWS blocks per program, its warps, and whether the state's loads come
+# before the member lookups (``EARLY``). Module-level so a benchmark can try others end to end
+# (benchmarks/train_e2e.py --indirect); issue 16 measures them in benchmarks/adam8bit_kernel.py.
+INDIRECT_LAUNCH = {"rows": 4, "num_warps": 4, "early": True}
+
+
 def triton_indirect_update_(
-    p, members: MemberTables, addresses, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1, tables2, hyper, *, nonfinite: torch.Tensor | None = None, rows: int = 4, num_warps: int = 4
+    p, members: MemberTables, addresses, state1, state2, absmax1, absmax2, qmap1, qmap2, tables1, tables2, hyper, *, nonfinite: torch.Tensor | None = None,
+    rows: int | None = None, num_warps: int | None = None, early: bool | None = None,
 ) -> None:
     """``triton_update_`` of a flat bucket of masters ``p`` whose gradient is read where autograd left
     it, each member's own bf16 (or fp16) ``.grad``, and whose new masters are rounded into the members'
@@ -233,6 +240,9 @@ def triton_indirect_update_(
 
     from diffpo._adam8bit_triton import adamw8bit_indirect_kernel  # needs Triton: imported on first use
 
+    rows = INDIRECT_LAUNCH["rows"] if rows is None else rows
+    num_warps = INDIRECT_LAUNCH["num_warps"] if num_warps is None else num_warps
+    early = INDIRECT_LAUNCH["early"] if early is None else early
     if nonfinite is None:
         nonfinite = torch.zeros(1, dtype=torch.int32, device=p.device)
     elif nonfinite.dtype != torch.int32 or nonfinite.numel() != 1:
@@ -241,7 +251,7 @@ def triton_indirect_update_(
         p, members.member, members.first, members.numel, addresses[0], addresses[1], state1, state2, absmax1, absmax2, qmap1, qmap2,
         tables1[0], tables1[1], tables2[0], tables2[1], hyper, nonfinite, blocks,
         DTYPE=tl.bfloat16 if members.dtype == torch.bfloat16 else tl.float16,
-        BLOCK=BLOCK, ROWS=rows, SMALLEST=_SMALLEST, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
+        BLOCK=BLOCK, ROWS=rows, SMALLEST=_SMALLEST, FIRST=_FIRST, BUCKETS=_BUCKETS, SHIFT=_SHIFT, EARLY=bool(early), num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
 
 

@@ -260,11 +260,17 @@ class TrainConfig:
     apply from the resumed step on."""
     max_nonfinite_in_row: int = 5
     """Non-finite losses skip the step; this many in a row stop the run."""
+    gc_every: int = 0
+    """Python's garbage collector: 0 leaves it automatic; N > 0 turns its automatic collections off for
+    the run and collects the young generations every N optimizer steps instead (as torchtitan's
+    ``training.gc_freq``), so that no collection pauses the host in the middle of a step while the
+    device waits for its next kernels (``diffpo.train.GarbageCollection``)."""
 
     def __post_init__(self):
         for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "max_nonfinite_in_row"):
             value = getattr(self, key)
             _check(value > 0, f"train.{key}", f"must be positive, got {value}")
+        _check(self.gc_every >= 0, "train.gc_every", f"must be >= 0 (0: automatic collection), got {self.gc_every}")
         _check(self.learning_rate > 0, "train.learning_rate", f"must be positive, got {self.learning_rate}")
         _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "train.checkpoints_total_limit", "must be positive or null")

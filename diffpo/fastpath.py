@@ -329,7 +329,11 @@ class FlatMasterWeights(MasterWeights):
                 continue
             dtypes = {self.model_params[m].dtype for m in bucket.members}
             if len(dtypes) == 1:
-                checks.append((bucket.flat.detach().abs().amax() < _rounds_to_inf_from(dtypes.pop())).reshape(1))
+                # one reduction (aminmax propagates nan), not abs() then amax(): abs() wrote a copy of the
+                # 1 GiB bucket (15 per SDXL step, 4.8 ms of device time on an H200, issue 16)
+                low, high = torch.aminmax(bucket.flat.detach())
+                limit = _rounds_to_inf_from(dtypes.pop())
+                checks.append(((high < limit) & (low > -limit)).reshape(1))
             else:
                 read += [self.model_params[m] for m in bucket.members]
         if any(p.numel() for p in read):

@@ -13,6 +13,7 @@ one exactly.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -644,6 +645,30 @@ def log_record(accelerator, cfg: Config, metrics_path: Path, record: dict) -> No
 # ----------------------------------------------------------------------------------------------
 
 
+class GarbageCollection:
+    """``train.gc_every``: with N > 0, Python's automatic collections are off while the loop runs and
+    the young generations (0 and 1) are collected every N optimizer steps, between steps, where the
+    host would otherwise collect whenever its allocation count says, in the middle of a step's
+    launches. Objects that survive go to the oldest generation, which is then never collected during
+    the run (as torchtitan's ``training.gc_freq``; the loop's own objects do not form lasting cycles).
+    ``close`` restores the collector as it was."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.was_enabled = gc.isenabled()
+        if every:
+            gc.disable()
+            gc.collect(1)
+
+    def step(self, step: int) -> None:
+        if self.every and step % self.every == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        if self.every and self.was_enabled:
+            gc.enable()
+
+
 def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     """Fine-tune as ``cfg`` says: the setup steps in order, one loop, then the final weights."""
     from tqdm.auto import tqdm
@@ -671,71 +696,76 @@ def train(cfg: Config, *, cache_dir: Path | None = None) -> TrainResult:
     fetched = time.perf_counter()
     batch = next(batches, None)
     data_seconds = time.perf_counter() - fetched  # host time this step spent getting its batches
-    while batch is not None:
-        # A pair's draws are keyed by (optimizer step, its place among all pairs of the step), so
-        # processes x batch x accumulation can be traded against each other at equal results.
-        opt_step, window_index = divmod(micro_step, tc.gradient_accumulation_steps)
-        first_pair = window_index * data.global_batch + accelerator.process_index * tc.batch_size
-        generators = pair_generators(cfg.seed, opt_step, first_pair, tc.batch_size)
-        micro_step += 1
-        with accelerator.accumulate(model.network):
-            errors = pair_errors(model.components, model.network, batch, generators, model.reference, sample_vae, accelerator.autocast, spec.loser_prompt)
-            errors.update(example_labels(batch))  # unpaired examples' desirable/undesirable labels (Diffusion-KTO)
-            loss = spec(**errors, **hparams).mean()
-            # Backward without first asking whether the loss is finite (that question is a host
-            # sync): end_window reads all of the window's losses at once, and a window with a
-            # non-finite one is skipped whole, its gradients discarded. Every rank runs the same
-            # backward, so DDP's all-reduce never waits for a rank that skipped.
-            accelerator.backward(loss)
-            window.append((loss.detach(), {k: v.detach() for k, v in errors.items()}))
-            # The next batch now, while the device still runs this backward: after end_window's
-            # host sync the device would idle while the host takes it from the loader's workers
-            # and copies it over (7-12 ms median on SDXL, issue 16). One batch more than the run
-            # uses is fetched at the end; nothing depends on it.
-            fetched = time.perf_counter()
-            batch = next(batches, None)
-            data_seconds += time.perf_counter() - fetched
-            if accelerator.sync_gradients:
-                grad_norm, skip_reason, metrics, pending = end_window(accelerator, optim, tc, spec, hparams, step, output_dir, window, pending)
-            optim.optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue  # mid-window: gradients accumulate
+    collector = GarbageCollection(tc.gc_every)
+    try:
+        while batch is not None:
+            # A pair's draws are keyed by (optimizer step, its place among all pairs of the step), so
+            # processes x batch x accumulation can be traded against each other at equal results.
+            opt_step, window_index = divmod(micro_step, tc.gradient_accumulation_steps)
+            first_pair = window_index * data.global_batch + accelerator.process_index * tc.batch_size
+            generators = pair_generators(cfg.seed, opt_step, first_pair, tc.batch_size)
+            micro_step += 1
+            with accelerator.accumulate(model.network):
+                errors = pair_errors(model.components, model.network, batch, generators, model.reference, sample_vae, accelerator.autocast, spec.loser_prompt)
+                errors.update(example_labels(batch))  # unpaired examples' desirable/undesirable labels (Diffusion-KTO)
+                loss = spec(**errors, **hparams).mean()
+                # Backward without first asking whether the loss is finite (that question is a host
+                # sync): end_window reads all of the window's losses at once, and a window with a
+                # non-finite one is skipped whole, its gradients discarded. Every rank runs the same
+                # backward, so DDP's all-reduce never waits for a rank that skipped.
+                accelerator.backward(loss)
+                window.append((loss.detach(), {k: v.detach() for k, v in errors.items()}))
+                # The next batch now, while the device still runs this backward: after end_window's
+                # host sync the device would idle while the host takes it from the loader's workers
+                # and copies it over (7-12 ms median on SDXL, issue 16). One batch more than the run
+                # uses is fetched at the end; nothing depends on it.
+                fetched = time.perf_counter()
+                batch = next(batches, None)
+                data_seconds += time.perf_counter() - fetched
+                if accelerator.sync_gradients:
+                    grad_norm, skip_reason, metrics, pending = end_window(accelerator, optim, tc, spec, hparams, step, output_dir, window, pending)
+                optim.optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue  # mid-window: gradients accumulate
 
-        # One optimizer step is done (or skipped: nothing applied, nothing saved at this step).
-        step += 1
-        if skip_reason is None:
-            nonfinite_in_row = 0
-        else:
-            skipped_total += 1
-            # fp16 overflows while the loss scale is >= 1 are the scaler's normal search for a scale.
-            nonfinite_in_row += skip_reason != "fp16 overflow"
-            logger.warning("step %d: non-finite %s, step skipped (%d in a row)", step, skip_reason, nonfinite_in_row)
-        # step_seconds: host time from the end of the previous step; with one sync per step it is
-        # the device's step time once the first steps (compilation) are past.
-        record = step_record(step, optim, metrics, grad_norm, skip_reason, skipped_total, time.perf_counter() - step_started)
-        record["data_seconds"] = data_seconds
-        window = []
-        if accelerator.is_main_process and step % lc.log_every == 0:
-            log_record(accelerator, cfg, metrics_path, record)
-        if nonfinite_in_row >= tc.max_nonfinite_in_row:  # after logging: metrics.jsonl shows every skipped step
-            raise TrainingError(
-                f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradients (train.max_nonfinite_in_row); "
-                f"stopped at step {step}, nothing of them applied. Lower train.learning_rate, or check the data; {last_checkpoint_note(output_dir)}"
-            )
-        progress.update(1)
-        progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
-        if lc.validation_every and accelerator.is_main_process and (step % lc.validation_every == 0 or step == tc.max_steps):
-            run_validation(accelerator, model.components, accelerator.unwrap_model(model.network), lc, output_dir, step)
-        # A skipped step writes no checkpoint: pruning must never trade good ones for it.
-        if skip_reason is None and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
-            check_weights(accelerator, pending, output_dir)  # never save non-finite weights
-            pending = None
-            state = {"step": step, "skipped_steps": skipped_total, "num_processes": accelerator.num_processes, "batch_size": tc.batch_size, "loss": cfg.loss.name, "identity": run.identity}
-            save_checkpoint(accelerator, output_dir, step, state, tc.checkpoints_total_limit)
-        if step >= tc.max_steps:
-            break
-        step_started = time.perf_counter()
-        data_seconds = 0.0
+            # One optimizer step is done (or skipped: nothing applied, nothing saved at this step).
+            step += 1
+            if skip_reason is None:
+                nonfinite_in_row = 0
+            else:
+                skipped_total += 1
+                # fp16 overflows while the loss scale is >= 1 are the scaler's normal search for a scale.
+                nonfinite_in_row += skip_reason != "fp16 overflow"
+                logger.warning("step %d: non-finite %s, step skipped (%d in a row)", step, skip_reason, nonfinite_in_row)
+            # step_seconds: host time from the end of the previous step; with one sync per step it is
+            # the device's step time once the first steps (compilation) are past.
+            record = step_record(step, optim, metrics, grad_norm, skip_reason, skipped_total, time.perf_counter() - step_started)
+            record["data_seconds"] = data_seconds
+            window = []
+            if accelerator.is_main_process and step % lc.log_every == 0:
+                log_record(accelerator, cfg, metrics_path, record)
+            if nonfinite_in_row >= tc.max_nonfinite_in_row:  # after logging: metrics.jsonl shows every skipped step
+                raise TrainingError(
+                    f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradients (train.max_nonfinite_in_row); "
+                    f"stopped at step {step}, nothing of them applied. Lower train.learning_rate, or check the data; {last_checkpoint_note(output_dir)}"
+                )
+            progress.update(1)
+            progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
+            if lc.validation_every and accelerator.is_main_process and (step % lc.validation_every == 0 or step == tc.max_steps):
+                run_validation(accelerator, model.components, accelerator.unwrap_model(model.network), lc, output_dir, step)
+            # A skipped step writes no checkpoint: pruning must never trade good ones for it.
+            if skip_reason is None and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+                check_weights(accelerator, pending, output_dir)  # never save non-finite weights
+                pending = None
+                state = {"step": step, "skipped_steps": skipped_total, "num_processes": accelerator.num_processes, "batch_size": tc.batch_size, "loss": cfg.loss.name, "identity": run.identity}
+                save_checkpoint(accelerator, output_dir, step, state, tc.checkpoints_total_limit)
+            collector.step(step)  # between steps: the device still runs this step's update
+            if step >= tc.max_steps:
+                break
+            step_started = time.perf_counter()
+            data_seconds = 0.0
+    finally:
+        collector.close()
     progress.close()
     check_weights(accelerator, pending, output_dir)
 

@@ -226,3 +226,42 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, pair_dir, model_c
     train(make_cfg(out, pair_dir, train={"max_steps": 1, "checkpoint_every": 1}), cache_dir=model_cache)
     with pytest.raises(RunFolderError, match="train.global_batch was 2 there, 4 in this run"):
         train(make_cfg(out, pair_dir, train={"max_steps": 2, "batch_size": 4, "resume": "latest"}), cache_dir=model_cache)
+
+
+def test_gc_every_collects_between_steps_only_and_restores_the_collector(tmp_path, pair_dir, monkeypatch):
+    """train.gc_every=2: Python's automatic collection is off while the loop runs, the young generations
+    are collected at the start and after steps 2 and 4 (never inside a step), and the collector is on
+    again after the run, also after one that failed."""
+    import gc
+
+    from diffpo import train as train_module
+
+    calls, enabled_in_steps = [], []
+    real_collect, real_record = gc.collect, train_module.step_record
+    monkeypatch.setattr(train_module.gc, "collect", lambda generation=2: calls.append(generation) or real_collect(generation))
+
+    def record(step, *args, **kwargs):
+        enabled_in_steps.append((step, gc.isenabled(), list(calls)))
+        return real_record(step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "step_record", record)
+    assert gc.isenabled()
+    train(make_cfg(tmp_path / "run", pair_dir, train={"max_steps": 4, "checkpoint_every": 4, "gc_every": 2}))
+    assert gc.isenabled()
+    assert calls == [1, 1, 1]  # start, after step 2, after step 4
+    assert [(step, on, len(done)) for step, on, done in enabled_in_steps] == [(1, False, 1), (2, False, 1), (3, False, 2), (4, False, 2)]
+
+    def failing(step, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_module, "step_record", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(make_cfg(tmp_path / "failed", pair_dir, train={"gc_every": 2}))
+    assert gc.isenabled()
+
+
+def test_gc_every_must_not_be_negative(tmp_path):
+    from diffpo.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="train.gc_every"):
+        config_from_dict({"output_dir": str(tmp_path), "model": {"pretrained": "tiny:sd"}, "data": {"source": "x"}, "train": {"gc_every": -1}})

@@ -22,6 +22,7 @@ LEVERS=${LEVERS:-"down_blocks.0:down_blocks.1:up_blocks.2 down_blocks.0:down_blo
 WORK=${WORK:-/tmp/e2e16}
 STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py), tritontest, kern (benchmarks/adam8bit_kernel.py), levers (benchmarks/compile_levers.py), base, inplacetest, testsetup (inplacetest and kernels beside setup)
 RESERVE=${RESERVE:-25}  # seconds the harness leaves to the stages after it
+# (pickkernel: after kern or testsetup, the fastest in-place kernel launch for the warm and extra runs)
 # STAGES run in the order given
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -47,9 +48,9 @@ run_setup() {
 }
 # LEVER_ARGS: compile settings for both trainer runs (the "levers" stage sets it from its own measurements)
 run_cold() { train cold ${COLD_CAP:-320} ${COLD_ARGS:-} ${LEVER_ARGS:-}; }
-run_warm() { train warm ${WARM_CAP:-160} ${WARM_ARGS:-} ${LEVER_ARGS:-}; }
+run_warm() { train warm ${WARM_CAP:-160} ${WARM_ARGS:-} ${INDIRECT_ARG:-} ${LEVER_ARGS:-}; }
 run_base() { train base ${BASE_CAP:-260} ${BASE_ARGS-train.compile_dynamic=null}; }  # the trainer without LEVER_ARGS, symbolic sizes (the same machine's before)
-run_extra() { train ${EXTRA_NAME:-extra} ${EXTRA_CAP:-200} ${EXTRA_ARGS:-}; }  # one more trainer run with EXTRA_ARGS (e.g. a lever that recompiles: its own cold start)
+run_extra() { train ${EXTRA_NAME:-extra} ${EXTRA_CAP:-200} ${EXTRA_ARGS:-} ${INDIRECT_ARG:-}; }  # one more trainer run with EXTRA_ARGS (e.g. a lever that recompiles: its own cold start)
 run_levers() {  # compile settings on SDXL's blocks (benchmarks/compile_levers.py); LEVER_ARGS := those that paid
   stage "compile levers"
   timeout $(cap ${LEVERS_CAP:-150}) python3 -m benchmarks.compile_levers --out "$OUT/compile_levers.json" > "$OUT/logs/compile_levers.log" 2>&1
@@ -136,13 +137,26 @@ run_testsetup() {  # inplacetest, then the one-bucket kernels (KERN_ONLY), in th
   # session 12's call c gave the tests 100 s here, too few beside setup)
   stage "in-place 8-bit tests, then kernels, beside setup"
   ( inplace_tests 180; echo $? > "$OUT/logs/inplace_test.rc"
-    timeout $(cap 60) python3 -m benchmarks.adam8bit_kernel ${KERN_ONLY:+--only "$KERN_ONLY"} --out "$OUT/adam8bit_kernel.json" > "$OUT/logs/adam8bit_kernel.log" 2>&1 ) &
+    timeout $(cap ${KERN_CAP:-60}) python3 -m benchmarks.adam8bit_kernel ${KERN_ONLY:+--only "$KERN_ONLY"} --out "$OUT/adam8bit_kernel.json" > "$OUT/logs/adam8bit_kernel.log" 2>&1 ) &
   local tests=$!
   run_setup
   wait $tests
   local rc; rc=$(cat "$OUT/logs/inplace_test.rc" 2>/dev/null || echo 1)
   stage "in-place 8-bit tests rc=$rc; kernels done"
   [ "$rc" -eq 0 ] || take_copy_path
+}
+run_pickkernel() {  # INDIRECT_ARG := the fastest in-place kernel launch of the kernels stage, for warm and extra
+  INDIRECT_ARG=$(python3 - "$OUT/adam8bit_kernel.json" <<'PY'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except Exception:
+    rows = []
+rows = [r for r in rows if r["kernel"].startswith("diffpo-indirect-") and r["kernel"][16:17].isdigit() and r.get("check", {}).get("weights_equal_masters")]
+print("--indirect " + min(rows, key=lambda r: r["ms"])["kernel"][len("diffpo-indirect-"):] if rows else "")
+PY
+)
+  stage "in-place kernel launch chosen: '${INDIRECT_ARG}'"
 }
 run_fp16() {  # the one trainer guard that runs on a GPU only
   if [ "$(left)" -gt 40 ]; then
@@ -157,7 +171,7 @@ python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/logs/summary.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever", "e2e_train_base", "e2e_train_extra", "e2e_train_copy"):
+for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever", "e2e_train_base", "e2e_train_extra", "e2e_train_gc", "e2e_train_copy"):
     path = out / f"{name}.json"
     if path.is_file():
         r = json.loads(path.read_text())
