@@ -94,7 +94,7 @@ def _kernels(device: torch.device) -> dict:
             kernels[f"diffpo-triton-{rows}x{warps}"] = diffpo(adam8bit.triton_update_, rows=rows, num_warps=warps)
         kernels["diffpo-indirect"] = _indirect(adam8bit, q1, q2, t1, t2, hyper, device, aligned=True)
         kernels["diffpo-indirect-unaligned"] = _indirect(adam8bit, q1, q2, t1, t2, hyper, device, aligned=False)
-        for rows, warps in ((4, 4), (2, 4), (4, 2), (8, 4), (8, 8), (16, 8)):
+        for rows, warps in ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (2, 8), (4, 2), (4, 4), (8, 4), (8, 8), (16, 8)):
             for early in (True, False):
                 launch = dict(rows=rows, num_warps=warps, early=early)
                 kernels[f"diffpo-indirect-{rows}x{warps}" + ("" if early else "-late")] = _indirect(adam8bit, q1, q2, t1, t2, hyper, device, aligned=True, launch=launch)

@@ -149,7 +149,10 @@ def hyperparameters(*, lr: float, beta1: float, beta2: float, eps: float, weight
     """``adamw8bit_update_``'s ``hyper`` for optimizer step ``step`` (from 1), computed in float64
     (1 - 0.999 in float32 arithmetic would be 1.3e-5 off) and rounded once, as bitsandbytes does."""
     values = [lr, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay, 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5, scale]
-    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+    # from pinned memory: a copy from pageable memory can make the host wait for the device's queue, once per
+    # bucket per step; pinned, it is queued behind the update before it like any kernel
+    pinned = torch.device(device).type == "cuda"
+    return torch.tensor(values, dtype=torch.float32, pin_memory=pinned).to(device, non_blocking=True)
 
 
 @functools.cache
@@ -203,7 +206,7 @@ def member_tables(numels: list[int], dtype: torch.dtype, device) -> MemberTables
 # triton_indirect_update_'s launch: ROWS blocks per program, its warps, and whether the state's loads come
 # before the member lookups (``EARLY``). Module-level so a benchmark can try others end to end
 # (benchmarks/train_e2e.py --indirect); issue 16 measures them in benchmarks/adam8bit_kernel.py.
-INDIRECT_LAUNCH = {"rows": 4, "num_warps": 4, "early": True}
+INDIRECT_LAUNCH = {"rows": 2, "num_warps": 4, "early": True}
 
 
 def triton_indirect_update_(
