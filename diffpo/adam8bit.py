@@ -205,8 +205,12 @@ def member_tables(numels: list[int], dtype: torch.dtype, device) -> MemberTables
 
 # triton_indirect_update_'s launch: ROWS blocks per program, its warps, and whether the state's loads come
 # before the member lookups (``EARLY``). Module-level so a benchmark can try others end to end
-# (benchmarks/train_e2e.py --indirect); issue 16 measures them in benchmarks/adam8bit_kernel.py.
-INDIRECT_LAUNCH = {"rows": 2, "num_warps": 4, "early": True}
+# (benchmarks/train_e2e.py --indirect). Why one block per program on one warp: the kernel waits on a chain of
+# dependent loads (member, address, gradient) before its data moves, so it runs fastest with the most
+# programs in flight; one 1 GiB bucket on an H200 (python -m benchmarks.adam8bit_kernel, issue 16):
+# 1x1 2.07 ms, 2x2 2.39, 2x4 2.55 (2.62 with the state loaded after the lookups), 4x4 2.97, 2x8 3.35;
+# adamw8bit_kernel from a float32 bucket, 1.83 (one machine, the same run).
+INDIRECT_LAUNCH = {"rows": 1, "num_warps": 1, "early": True}
 
 
 def triton_indirect_update_(
@@ -231,9 +235,10 @@ def triton_indirect_update_(
     of wall time against 39.4 (medians of 10 with overlapping ranges, both kernels without multiply-add
     contraction) and 11.5 ms of host time against 20.8 (``python -m benchmarks.optimizer_step``). The
     kernel itself is slower than ``triton_update_`` from a float32 bucket, 2.87 against 1.83 ms per 1 GiB
-    bucket (``python -m benchmarks.adam8bit_kernel``, H200), so end to end the two paths measured even
-    (413.6 ms per SDXL step in place with the kernel's earlier per-value loads, 408.3 through the copies,
-    one machine; BENCHMARKS.md, issue 16)."""
+    bucket (``python -m benchmarks.adam8bit_kernel``, H200) at its first launch (4 blocks x 4 warps), so end
+    to end the two paths measured even (413.6 ms per SDXL step in place, 408.3 through the copies, one
+    machine); launched as ``INDIRECT_LAUNCH`` (one block per program, one warp) it takes 2.07 ms
+    (BENCHMARKS.md, issue 16)."""
     blocks = p.numel() // BLOCK
     if p.numel() % BLOCK or p.dtype != torch.float32 or members.member.numel() != blocks:
         raise ValueError(f"p must be float32 with a multiple of {BLOCK} values, one entry of members.member per block")

@@ -649,8 +649,8 @@ class GarbageCollection:
     """``train.gc_every``: with N > 0, Python's automatic collections are off while the loop runs and
     the young generations (0 and 1) are collected every N optimizer steps, between steps, where the
     host would otherwise collect whenever its allocation count says, in the middle of a step's
-    launches. Objects that survive go to the oldest generation, which is then never collected during
-    the run (as torchtitan's ``training.gc_freq``; the loop's own objects do not form lasting cycles).
+    launches (as torchtitan's ``training.gc_freq``); every 10 N steps the collection is a full one, so
+    that a cycle which outlived a young collection (promoted to the oldest generation) is freed too.
     ``close`` restores the collector as it was."""
 
     def __init__(self, every: int):
@@ -662,7 +662,7 @@ class GarbageCollection:
 
     def step(self, step: int) -> None:
         if self.every and step % self.every == 0:
-            gc.collect(1)
+            gc.collect(2 if step % (10 * self.every) == 0 else 1)
 
     def close(self) -> None:
         if self.every and self.was_enabled:
