@@ -5,7 +5,7 @@
 #          beside setup; the shipped config cold, profiled at steps 8-9; warm with the fastest launch; the
 #          same + train.gc_every=50 (no automatic garbage collection inside a step), profiled at 8-9; the
 #          harness's public recipe (the ratio's denominator on the same machine)
-#   PART=c (~9 min, a new machine): PART=a with the kernel's new defaults (2 blocks x 4 warps, the
+#   PART=c (~9 min, a new machine): PART=a with the kernel's defaults as they were then (2 blocks x 4 warps, the
 #          state's loads first; the hyperparameters copied from pinned memory) and smaller launches
 #   PART=b (on the machine PART=a leaves warm: its compile cache and setup): the harness's fast MaPO and
 #          fast Diffusion-DPO (target 4), then the public recipe again
