@@ -20,7 +20,7 @@ XL=${XL:-sdxl} PAIRS=${PAIRS:-64} DEV=${DEV:-cuda} STEPS=${STEPS:-20} HSTEPS=${H
 # selective checkpointing: the 128/64-px blocks without up_blocks.1; all 128/64-px blocks; the 32-px down block
 LEVERS=${LEVERS:-"down_blocks.0:down_blocks.1:up_blocks.2 down_blocks.0:down_blocks.1:up_blocks.1:up_blocks.2 down_blocks.2"}
 WORK=${WORK:-/tmp/e2e16}
-STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: optim (benchmarks/optimizer_step.py), tritontest, kern (benchmarks/adam8bit_kernel.py), levers (benchmarks/compile_levers.py), base, inplacetest, testsetup (inplacetest and kernels beside setup)
+STAGES=${STAGES:-"setup cold warm harness lever fp16"}  # also: rounds (public recipe and trainer warm, interleaved), optim (benchmarks/optimizer_step.py), tritontest, kern (benchmarks/adam8bit_kernel.py), levers (benchmarks/compile_levers.py), base, inplacetest, testsetup (inplacetest and kernels beside setup)
 RESERVE=${RESERVE:-25}  # seconds the harness leaves to the stages after it
 # (pickkernel: after kern or testsetup, the fastest in-place kernel launch for the warm and extra runs)
 # STAGES run in the order given
@@ -74,12 +74,29 @@ if [ -z "${CASES:-}" ]; then
   for blocks in $LEVERS; do CASES=$CASES,diffpo+compile+ckpt=$blocks/mapo/full; done
   CASES=$CASES,diffpo+compile+ckpt/diffusion_dpo/full
 fi
-run_harness() {  # in one process, sharing the trainer's compile cache folder
-  stage "harness $CASES"
+run_harness() {  # in one process, sharing the trainer's compile cache folder; HARNESS_NAME: its JSON and log's name
+  local name=${HARNESS_NAME:-harness}
+  stage "$name $CASES"
   TORCHINDUCTOR_CACHE_DIR=$WORK/compile_cache TRITON_CACHE_DIR=$WORK/compile_cache/triton \
     timeout $(( $(left) - RESERVE )) python3 -m benchmarks.train_step --arch $XL --pairs 4 --steps $HSTEPS --warmup $HWARM --device $DEV \
-    --cases "$CASES" ${HPROFILE:+--profile "$HPROFILE" --profile-dir "$OUT/profiles"} --out "$OUT/harness.json" > "$OUT/logs/harness.log" 2>&1
-  stage "harness rc=$?"
+    --cases "$CASES" ${HPROFILE:+--profile "$HPROFILE" --profile-dir "$OUT/profiles"} --out "$OUT/$name.json" > "$OUT/logs/$name.log" 2>&1
+  stage "$name rc=$?"
+}
+run_rounds() {  # ROUNDS x (the public recipe in the harness, then the trainer), then the public recipe once more:
+  # target 1's ratio from interleaved measurements on one machine (the public recipe's median moved ~3% between
+  # two calls on one machine, session 13). The first trainer run fills the compile cache (cold) unless a cold stage ran.
+  local i limit
+  for i in $(seq 1 ${ROUNDS:-2}); do
+    run_public_round $i
+    limit=$([ "$i" = 1 ] && echo ${ROUND1_CAP:-260} || echo ${ROUND_CAP:-70})
+    [ "$(left)" -gt 60 ] || return
+    train round$i $limit $([ "$i" = 1 ] && echo ${ROUND1_ARGS-"--profile 8"}) ${WARM_ARGS:-} ${INDIRECT_ARG:-}
+  done
+  run_public_round $(( ${ROUNDS:-2} + 1 ))
+}
+run_public_round() {  # run_public_round I: the public recipe alone, at most PUBLIC_CAP seconds
+  [ "$(left)" -gt 60 ] || return
+  CASES=public/mapo/full HARNESS_NAME=public_round$1 RESERVE=$(( $(left) - $(cap ${PUBLIC_CAP:-90}) )) run_harness
 }
 run_lever() {  # the trainer with LEVER, or with the fastest selective-checkpointing case that fit 76 GiB
   local best
@@ -171,7 +188,8 @@ python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/logs/summary.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever", "e2e_train_base", "e2e_train_extra", "e2e_train_gc", "e2e_train_copy"):
+rounds = sorted(p.stem for p in out.glob("e2e_train_round*.json"))
+for name in ("e2e_train_cold", "e2e_train_warm", "e2e_train_lever", "e2e_train_base", "e2e_train_extra", "e2e_train_gc", "e2e_train_copy", *rounds):
     path = out / f"{name}.json"
     if path.is_file():
         r = json.loads(path.read_text())
@@ -203,9 +221,11 @@ if path.is_file():
     print("one bucket of", r["values"], "values:")
     for row in r["rows"]:
         print(" ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-path = out / "harness.json"
-if path.is_file():
+for path in [out / "harness.json", *sorted(out.glob("public_round*.json"))]:
+    if not path.is_file():
+        continue
     from benchmarks.train_step import format_table
+    print(path.stem)
     result = json.loads(path.read_text())
     print(format_table(result))
     for r in result["rows"]:
