@@ -262,9 +262,10 @@ class TrainConfig:
     """Non-finite losses skip the step; this many in a row stop the run."""
     gc_every: int = 0
     """Python's garbage collector: 0 leaves it automatic; N > 0 turns its automatic collections off for
-    the run and collects the young generations every N optimizer steps instead (as torchtitan's
-    ``training.gc_freq``), so that no collection pauses the host in the middle of a step while the
-    device waits for its next kernels (``diffpo.train.GarbageCollection``)."""
+    the run and collects the young generations every N optimizer steps instead, all of them every 10 N
+    (as torchtitan's ``training.gc_freq``), so that no collection pauses the host in the middle of a
+    step while the device waits for its next kernels (``diffpo.train.GarbageCollection``; the fast SDXL
+    config: 50). Results do not depend on it."""
 
     def __post_init__(self):
         for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "max_nonfinite_in_row"):

@@ -231,7 +231,8 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, pair_dir, model_c
 def test_gc_every_collects_between_steps_only_and_restores_the_collector(tmp_path, pair_dir, monkeypatch):
     """train.gc_every=2: Python's automatic collection is off while the loop runs, the young generations
     are collected at the start and after steps 2 and 4 (never inside a step), all generations at step
-    20 (10 x gc_every), and the collector is on again after the run, also after one that failed."""
+    20 (10 x gc_every), and the collector is on again after the run, also after one that failed; the
+    losses are those of a run with automatic collection."""
     import gc
 
     from diffpo import train as train_module
@@ -249,6 +250,9 @@ def test_gc_every_collects_between_steps_only_and_restores_the_collector(tmp_pat
     train(make_cfg(tmp_path / "run", pair_dir, train={"max_steps": 4, "checkpoint_every": 4, "gc_every": 2}))
     assert gc.isenabled()
     assert calls == [1, 1, 1]  # start, after step 2, after step 4
+    monkeypatch.setattr(train_module, "step_record", real_record)
+    train(make_cfg(tmp_path / "automatic", pair_dir, train={"max_steps": 4, "checkpoint_every": 4}))
+    assert [m["loss"] for m in read_metrics(tmp_path / "run")] == [m["loss"] for m in read_metrics(tmp_path / "automatic")]  # results do not depend on it
     assert [(step, on, len(done)) for step, on, done in enabled_in_steps] == [(1, False, 1), (2, False, 1), (3, False, 2), (4, False, 2)]
     collector = train_module.GarbageCollection(2)
     calls.clear()
