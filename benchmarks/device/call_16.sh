@@ -169,8 +169,9 @@ try:
     rows = json.load(open(sys.argv[1]))["rows"]
 except Exception:
     rows = []
-rows = [r for r in rows if r["kernel"].startswith("diffpo-indirect-") and r["kernel"][16:17].isdigit() and r.get("check", {}).get("weights_equal_masters")]
-print("--indirect " + min(rows, key=lambda r: r["ms"])["kernel"][len("diffpo-indirect-"):] if rows else "")
+prefix = "diffpo-indirect-"  # then RxW[-late]; not -unaligned, which is a layout, not a launch
+launches = {r["kernel"][len(prefix):]: r["ms"] for r in rows if r["kernel"].startswith(prefix) and r["kernel"][len(prefix):][:1].isdigit() and r.get("check", {}).get("weights_equal_masters")}
+print("--indirect " + min(launches, key=launches.get) if launches else "")
 PY
 )
   stage "in-place kernel launch chosen: '${INDIRECT_ARG}'"
