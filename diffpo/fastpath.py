@@ -459,6 +459,7 @@ def _master_weight_adamw8bit() -> type:
             self._min_8bit_size, self.kernel = min_8bit_size, kernel
             self._triton_update = _bitsandbytes_triton_update() if kernel == "triton" else None
             self._code_tables: dict = {}  # kernel="diffpo": id(qmap) -> (qmap, its nearest_code_tables)
+            self._hyper = None  # kernel="diffpo": (the last hyperparameters, their tensor on the device)
             super().__init__(params, min_8bit_size=min_8bit_size, **kwargs)
             if kernel == "diffpo":
                 from diffpo import adam8bit
@@ -588,10 +589,15 @@ def _master_weight_adamw8bit() -> type:
                     cached = self._code_tables[id(qmap)] = (qmap, adam8bit.nearest_code_tables(qmap))
                 tables.append(cached[1])
             betas = config["betas"]
-            hyper = adam8bit.hyperparameters(
+            values = dict(
                 lr=config["lr"], beta1=betas[0], beta2=betas[1], eps=config["eps"], weight_decay=config["weight_decay"],
                 step=state["step"], scale=self._gradient_scale, device=p.device,
             )
+            # every bucket of a group shares one step's hyperparameters: one tensor (and one copy to the device)
+            # per step instead of one per bucket; read-only in the kernels, so the buckets can share it
+            if self._hyper is None or self._hyper[0] != values:
+                self._hyper = (values, adam8bit.hyperparameters(**values))
+            hyper = self._hyper[1]
             moments = (state["state1"], state["state2"], state["absmax1"], state["absmax2"], state["qmap1"], state["qmap2"], tables[0], tables[1], hyper)
             bucket = self._bucket_of(p)
             if bucket.taken is not None:  # the gradients read and the weights written in place (_take_in_place)

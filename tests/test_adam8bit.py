@@ -259,6 +259,27 @@ def test_diffpo_kernel_option_steps_the_8bit_buckets_and_shares_bitsandbytes_sta
         assert all((a - b).abs().max() < 1e-5 for a, b in zip(source.masters, target.masters))
 
 
+def test_diffpo_kernel_builds_one_hyperparameter_tensor_per_step_for_all_buckets(monkeypatch):
+    """The 8-bit buckets of one step share one hyperparameter tensor (one copy to the device per step,
+    not one per bucket); a new step or gradient scale builds a new one, and each bucket's update reads
+    the values ``hyperparameters`` gives for that step and scale."""
+    from diffpo.fastpath import MasterWeightAdamW8bit
+
+    cls = type("Optimizer", (MasterWeightAdamW8bit,), {"bucket_elements": 8192})  # one 8-bit bucket per weight
+    optimizer = cls(_mlp(0), kernel="diffpo", lr=1e-3)
+    built, seen = [], []
+    build, update = adam8bit.hyperparameters, adam8bit.update_function("cpu")
+    monkeypatch.setattr(adam8bit, "hyperparameters", lambda **values: built.append(values) or build(**values))
+    monkeypatch.setattr(adam8bit, "update_function", lambda device: (lambda p, *rest: seen.append(rest[-1]) or update(p, *rest)))
+    for step, scale in [(1, 1.0), (2, 1.0), (3, 0.5)]:
+        _grads(optimizer.model_params, step)
+        optimizer.set_gradient_scale(scale)
+        optimizer.step()
+        assert [(v["step"], v["scale"]) for v in built] == [(s, c) for s, c in [(1, 1.0), (2, 1.0), (3, 0.5)][:step]]
+        assert len(seen) == 2 * step and seen[-1] is seen[-2]  # the two 8-bit buckets, one tensor
+        assert torch.equal(seen[-1], build(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, step=step, scale=scale, device="cpu"))
+
+
 def test_trainer_runs_with_the_diffpo_kernel(tmp_path, pair_dir, model_cache, monkeypatch):
     """``train.adam_8bit_kernel=diffpo`` through ``diffpo train``: accepted only over bf16 masters
     with 8-bit AdamW; each step's 8-bit update goes through it with the clipping coefficient of
