@@ -1,0 +1,99 @@
+"""Issue 16's target 1 from interleaved rounds: the public recipe and ``diffpo train`` measured in turn on one
+machine (``benchmarks/device/call_16.sh``'s ``rounds`` stage: public_round1.json, e2e_train_round1.json,
+public_round2.json, ...), so that the public recipe's own drift between measurements (3-8% on one machine) is
+measured too, not folded into one ratio.
+
+    python -m benchmarks.rounds_verdict DIR [DIR ...] [--exclude NAME=VALUE] [--bootstrap 10000]
+
+For each trainer run: its median step (``train_e2e``'s, steps 6-20 without profiled ones), the public rounds just
+before and after it, and the ratio to their mean. Pooled over every run given: the ratio of the medians of all
+timed steps (public: every round's timed steps; trainer: every run's steps 6-20), and a 95% interval from a
+bootstrap over rounds (each round's median resampled as a whole: steps within one run are not independent).
+``--exclude overrides=train.channels_last=true`` leaves out trainer runs whose overrides include that one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+from pathlib import Path
+
+
+def _round_number(path: Path) -> int:
+    return int(re.search(r"round(\d+)", path.stem).group(1))
+
+
+def load_rounds(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
+    """One call's rounds: ``public`` [(round, median ms, [step ms])] and ``trainer`` [(round, median ms, [step ms])]."""
+    public = []
+    for path in sorted(folder.glob("public_round*.json"), key=_round_number):
+        row = next(r for r in json.loads(path.read_text())["rows"] if r["case"].startswith("public/"))
+        public.append((_round_number(path), 1000 * row["step_s"], [1000 * s for s in row["step_s_all"]]))
+    trainer = []
+    for path in sorted(folder.glob("e2e_train_round*.json"), key=_round_number):
+        run = json.loads(path.read_text())
+        if any(item in run.get("overrides", []) for item in exclude):
+            continue
+        profiled = {run["profile"]["steps"][0] + k for k in range(3)} if run.get("profile") else set()
+        steps = [1000 * s for number, s in enumerate(run["step_seconds"], 1) if number > 5 and number not in profiled]
+        trainer.append((_round_number(path), 1000 * run["median_step_s"], steps))
+    return {"folder": str(folder), "public": public, "trainer": trainer}
+
+
+def verdict(calls: list[dict], bootstrap: int = 10000, seed: int = 0) -> dict:
+    """Per-run ratios against the neighbouring public rounds, and the pooled ratio with its interval."""
+    per_run = []
+    for call in calls:
+        by_round = {number: median for number, median, _ in call["public"]}
+        for number, median, _ in call["trainer"]:
+            # the trainer's round i runs after public round i and before public round i + 1
+            around = [by_round[n] for n in (number, number + 1) if n in by_round]
+            if around:
+                per_run.append({"call": call["folder"], "round": number, "trainer_ms": median, "public_ms": around, "ratio": statistics.mean(around) / median})
+    public_steps = [s for call in calls for _, _, steps in call["public"] for s in steps]
+    trainer_steps = [s for call in calls for _, _, steps in call["trainer"] for s in steps]
+    public_medians = [m for call in calls for _, m, _ in call["public"]]
+    trainer_medians = [m for call in calls for _, m, _ in call["trainer"]]
+    rng = random.Random(seed)
+    ratios = sorted(
+        statistics.median(rng.choices(public_medians, k=len(public_medians))) / statistics.median(rng.choices(trainer_medians, k=len(trainer_medians)))
+        for _ in range(bootstrap)
+    )
+    return {
+        "per_run": per_run,
+        "public_median_ms": statistics.median(public_steps),
+        "trainer_median_ms": statistics.median(trainer_steps),
+        "pooled_ratio": statistics.median(public_steps) / statistics.median(trainer_steps),
+        "ratio_of_round_medians": statistics.median(public_medians) / statistics.median(trainer_medians),
+        "bootstrap_95": [ratios[int(0.025 * bootstrap)], ratios[int(0.975 * bootstrap) - 1]],
+        "public_rounds": len(public_medians),
+        "trainer_runs": len(trainer_medians),
+        "public_round_range_ms": [min(public_medians), max(public_medians)],
+        "trainer_run_range_ms": [min(trainer_medians), max(trainer_medians)],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--exclude", action="append", default=[], help="leave out trainer runs with this override (repeatable)")
+    parser.add_argument("--bootstrap", type=int, default=10000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    result = verdict([load_rounds(folder, tuple(args.exclude)) for folder in args.folders], args.bootstrap)
+    for run in result["per_run"]:
+        print(f"{run['call']} round {run['round']}: trainer {run['trainer_ms']:.1f} ms, public around it {[round(p, 1) for p in run['public_ms']]} -> {run['ratio']:.2f}x")
+    print(
+        f"pooled: public {result['public_median_ms']:.1f} ms ({result['public_rounds']} rounds, {result['public_round_range_ms'][0]:.1f}-{result['public_round_range_ms'][1]:.1f}), "
+        f"trainer {result['trainer_median_ms']:.1f} ms ({result['trainer_runs']} runs, {result['trainer_run_range_ms'][0]:.1f}-{result['trainer_run_range_ms'][1]:.1f}) -> "
+        f"{result['pooled_ratio']:.3f}x; of the rounds' medians {result['ratio_of_round_medians']:.3f}x, bootstrap over rounds 95% [{result['bootstrap_95'][0]:.3f}, {result['bootstrap_95'][1]:.3f}]"
+    )
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
