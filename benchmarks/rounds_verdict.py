@@ -1,7 +1,7 @@
 """Issue 16's target 1 from interleaved rounds: the public recipe and ``diffpo train`` measured in turn on one
 machine (``benchmarks/device/call_16.sh``'s ``rounds`` stage: public_round1.json, e2e_train_round1.json,
-public_round2.json, ...), so that the public recipe's own drift between measurements (3-8% on one machine) is
-measured too, not folded into one ratio.
+public_round2.json, ...), so that the public recipe's own drift between measurements (its rounds' medians spread 19% on one H200,
+BENCHMARKS.md, issue 16) is measured too, not folded into one ratio.
 
     python -m benchmarks.rounds_verdict DIR [DIR ...] [--exclude NAME=VALUE] [--bootstrap 10000]
 
@@ -57,7 +57,7 @@ def load_rounds(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
 
 
 def verdict(calls: list[dict], bootstrap: int = 10000, seed: int = 0) -> dict:
-    """Per-run ratios against the neighbouring public rounds, and the pooled ratio with its interval."""
+    """Per-run ratios against the neighbouring public rounds, the pooled ratio, and the paired and unpaired intervals."""
     per_run = []
     for call in calls:
         by_round = {number: median for number, median, _ in call["public"]}
